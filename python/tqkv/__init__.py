@@ -1,0 +1,1 @@
+"""TurboQuant KV-cache compression for llama.cpp."""

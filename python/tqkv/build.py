@@ -1,0 +1,199 @@
+"""Build the patched llama.cpp (tools, tests, shared libs) and the patched llama-cpp-python.
+
+The pinned llama-cpp-python sdist (which vendors llama.cpp) is unpacked under build/, the
+patches/ series is applied once, tq_ggml/ is synced into ggml/src/ggml-tq/, and one CMake build
+produces both the command-line tools and the shared libraries. The Python package is then
+installed from the patched sdist with its own compile switched off and those libraries copied into
+it, so llama-cpp-python and the tools run the same binaries. Every step is stamped, so a rebuild
+with nothing changed only asks CMake whether anything is out of date.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import assets
+
+REPO = Path(__file__).resolve().parents[2]
+SDIST_ROOT = "llama_cpp_python-0.3.36"
+
+TARGETS = (
+    "llama", "ggml", "mtmd",
+    "llama-server", "llama-cli", "llama-bench", "llama-perplexity", "llama-quantize",
+    "test-backend-ops", "test-quantize-fns",
+)
+
+# These CPUs advertise AMX but fault in it, so no -march=native: pin AVX2/FMA/F16C instead.
+CPU_FLAGS = ("-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON")
+
+
+@dataclass
+class Layout:
+    """Where a build lives; everything is under build/ (git-ignored)."""
+
+    root: Path = field(default_factory=lambda: REPO / "build")
+
+    @property
+    def tree(self) -> Path:
+        return self.root / "src" / SDIST_ROOT
+
+    @property
+    def llama_cpp(self) -> Path:
+        return self.tree / "vendor" / "llama.cpp"
+
+    def cmake_dir(self, cuda: bool) -> Path:
+        return self.root / ("cuda" if cuda else "cpu")
+
+    def bin_dir(self, cuda: bool) -> Path:
+        return self.cmake_dir(cuda) / "bin"
+
+
+def _log(msg: str) -> None:
+    print(f"[tqkv build] {msg}", flush=True)
+
+
+def _run(cmd: list[str], **kw) -> None:
+    _log("$ " + " ".join(cmd))
+    subprocess.run(cmd, check=True, **kw)
+
+
+def _digest(paths: list[Path], extra: str = "") -> str:
+    h = hashlib.sha256(extra.encode())
+    for p in sorted(paths):
+        h.update(p.name.encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def _stamp_ok(stamp: Path, value: str) -> bool:
+    return stamp.exists() and stamp.read_text() == value
+
+
+def prepare_tree(layout: Layout) -> None:
+    """Unpack the verified sdist and apply patches/ (again only when the series changed)."""
+    sdist = assets.llama_cpp_sdist()
+    patches = sorted((REPO / "patches").glob("*.patch"))
+    stamp = layout.root / "src" / ".patched"
+    want = _digest(patches, extra=sdist.name)
+    if not (_stamp_ok(stamp, want) and layout.tree.exists()):
+        if layout.tree.exists():
+            shutil.rmtree(layout.tree)
+        layout.tree.parent.mkdir(parents=True, exist_ok=True)
+        _log(f"unpacking {sdist.name}")
+        with tarfile.open(sdist) as tf:
+            tf.extractall(layout.tree.parent, filter="data")
+        # the sdist carries dangling .git files that make git and CMake think this is a checkout
+        for stray in (layout.tree / ".git", layout.llama_cpp / ".git"):
+            if stray.is_file():
+                stray.unlink()
+        for p in patches:
+            _log(f"applying {p.name}")
+            _run(["patch", "-p1", "--forward", "--quiet", "-i", str(p)], cwd=layout.tree)
+        stamp.write_text(want)
+    _sync_tq_sources(layout)
+
+
+def _sync_tq_sources(layout: Layout) -> None:
+    """Copy tq_ggml/ into the tree, touching only changed files so the rebuild stays incremental."""
+    dst = layout.llama_cpp / "ggml" / "src" / "ggml-tq"
+    dst.mkdir(exist_ok=True)
+    src_files = {p.name: p for p in (REPO / "tq_ggml").iterdir() if p.is_file()}
+    for name, p in src_files.items():
+        target = dst / name
+        if not target.exists() or target.read_bytes() != p.read_bytes():
+            shutil.copyfile(p, target)
+    for stale in dst.iterdir():
+        if stale.name not in src_files:
+            stale.unlink()
+
+
+def cmake_build(layout: Layout, cuda: bool, jobs: int, cuda_archs: str | None) -> Path:
+    bdir = layout.cmake_dir(cuda)
+    flags = [
+        "-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=ON",
+        *CPU_FLAGS,
+        "-DLLAMA_BUILD_TESTS=ON", "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_SERVER=ON",
+        "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF",
+        "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_BUILD_MTMD=ON",
+        # libraries and tools share build/<kind>/bin; $ORIGIN lets them (and the copies inside the
+        # Python package) find each other without LD_LIBRARY_PATH
+        "-DCMAKE_BUILD_WITH_INSTALL_RPATH=ON", "-DCMAKE_INSTALL_RPATH=$ORIGIN",
+    ]
+    if cuda:
+        flags += ["-DGGML_CUDA=ON", f"-DCMAKE_CUDA_ARCHITECTURES={cuda_archs or 'native'}"]
+    stamp = bdir / ".tqkv-configure"
+    want = " ".join(flags)
+    if not (_stamp_ok(stamp, want) and (bdir / "CMakeCache.txt").exists()):
+        bdir.mkdir(parents=True, exist_ok=True)
+        _run(["cmake", "-S", str(layout.llama_cpp), "-B", str(bdir), *flags])
+        stamp.write_text(want)
+    # ninja prints [done/total] per step: the progress of the long compile
+    _run(["cmake", "--build", str(bdir), "-j", str(jobs), "--target", *TARGETS])
+    return layout.bin_dir(cuda)
+
+
+def _shared_libs(bin_dir: Path) -> list[Path]:
+    return sorted(p for p in bin_dir.glob("lib*.so*") if p.is_file())
+
+
+def install_python(layout: Layout, bin_dir: Path) -> None:
+    """pip-install the patched llama-cpp-python with the libraries built above inside it."""
+    libs = _shared_libs(bin_dir)
+    if not any(p.name.startswith("libllama") for p in libs):
+        raise RuntimeError(f"no libllama in {bin_dir}: the CMake build did not produce it")
+    stamp = layout.root / f".installed-{bin_dir.parent.name}"
+    want = _digest([*libs, *(layout.tree / "llama_cpp").glob("*.py")], extra=sys.executable)
+    if _stamp_ok(stamp, want) and _llama_cpp_is_ours():
+        _log("llama-cpp-python up to date")
+        return
+    pkg_lib = layout.tree / "llama_cpp" / "lib"
+    shutil.rmtree(pkg_lib, ignore_errors=True)
+    pkg_lib.mkdir(parents=True)
+    for p in libs:
+        shutil.copy2(p, pkg_lib / p.name)
+    env = dict(os.environ, CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF")
+    _run([sys.executable, "-m", "pip", "install", "--no-deps", "--force-reinstall", str(layout.tree)], env=env)
+    if not _llama_cpp_is_ours():
+        raise RuntimeError("installed llama-cpp-python does not load the TurboQuant build")
+    stamp.write_text(want)
+
+
+def _llama_cpp_is_ours() -> bool:
+    """True when `import llama_cpp` in a fresh interpreter gets the patched package and libs."""
+    probe = (
+        "import llama_cpp, ctypes; "
+        "assert llama_cpp.GGML_TYPE_TURBO3_0 == 44; "
+        "print(llama_cpp.llama_cpp._lib._name)"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "LLAMA_CPP_LIB_PATH"}
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env)
+    return r.returncode == 0
+
+
+def build(cuda: bool = False, jobs: int | None = None, cuda_archs: str | None = None,
+          python: bool = True, layout: Layout | None = None) -> Path:
+    """Full build; returns the folder holding the tools and libraries."""
+    layout = layout or Layout()
+    t0 = time.monotonic()
+    prepare_tree(layout)
+    bin_dir = cmake_build(layout, cuda, jobs or os.cpu_count() or 2, cuda_archs)
+    if python:
+        install_python(layout, bin_dir)
+    _log(f"done in {time.monotonic() - t0:.1f} s; tools in {bin_dir}")
+    return bin_dir
+
+
+def bin_dir(cuda: bool = False) -> Path:
+    """The folder of a finished build, or a clear error saying how to make one."""
+    d = Layout().bin_dir(cuda)
+    if not (d / "llama-server").exists():
+        raise FileNotFoundError(f"{d}/llama-server not found: run `tqkv build` first")
+    return d

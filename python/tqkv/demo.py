@@ -1,0 +1,61 @@
+"""The main job: f16 against TurboQuant caches on one model, side by side."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import assets, runner
+from .types import cache_type
+
+PROMPT = "The three primary colors are"
+
+
+@dataclass(frozen=True)
+class Row:
+    k: str
+    v: str
+    bits: float
+    kv_mib: float
+    ppl: float
+    ppl_err: float
+    text: str
+
+
+def generate(model: Path, k: str, v: str, prompt: str = PROMPT, max_tokens: int = 32) -> str:
+    """Greedy completion through the patched llama-cpp-python."""
+    from llama_cpp import Llama  # the patched build, installed by `tqkv build`
+
+    llm = Llama(model_path=str(model), n_ctx=512, flash_attn=True, verbose=False, seed=0,
+                type_k=cache_type(k).ggml_id, type_v=cache_type(v).ggml_id)
+    try:
+        out = llm.create_completion(prompt, max_tokens=max_tokens, temperature=0.0)
+        return out["choices"][0]["text"]
+    finally:
+        llm.close()
+
+
+def run(model_name: str = "smollm2", text_name: str = "alice29", ctx: int = 1024, chunks: int = 8,
+        configs: tuple[tuple[str, str], ...] = (("f16", "f16"), ("tq3_0", "tq2_0"))) -> list[Row]:
+    model = assets.model(model_name)
+    text = assets.text(text_name)
+    rows = []
+    for k, v in configs:
+        print(f"[tqkv demo] K={k} V={v}: perplexity on {text.name}, ctx {ctx}, {chunks} chunks", flush=True)
+        p = runner.perplexity(model, text, k, v, ctx=ctx, chunks=chunks)
+        bits = (cache_type(k).bits_per_value + cache_type(v).bits_per_value) / 2
+        rows.append(Row(k, v, bits, p.kv.total_mib, p.ppl, p.err, generate(model, k, v)))
+    return rows
+
+
+def table(rows: list[Row], ctx: int) -> str:
+    base = rows[0]
+    lines = [
+        f"| K / V | bits/value | KV MiB @ ctx {ctx} | PPL | dPPL | greedy: {PROMPT!r} |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        text = " ".join(r.text.split())
+        lines.append(f"| {r.k} / {r.v} | {r.bits:.2f} | {r.kv_mib:.2f} | {r.ppl:.3f} ± {r.ppl_err:.3f} | "
+                     f"{100 * (r.ppl / base.ppl - 1):+.2f}% | {text} |")
+    return "\n".join(lines)

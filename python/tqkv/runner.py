@@ -1,0 +1,115 @@
+"""Run the built llama.cpp tools and read their results."""
+
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+
+from . import build
+
+_PPL = re.compile(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)")
+_KV = re.compile(r"llama_kv_cache: size = +([0-9.]+) MiB .*K \((\w+)\): +([0-9.]+) MiB, V \((\w+)\): +([0-9.]+) MiB")
+
+
+@dataclass(frozen=True)
+class KVSize:
+    total_mib: float
+    k_mib: float
+    v_mib: float
+
+
+@dataclass(frozen=True)
+class Perplexity:
+    ppl: float
+    err: float
+    kv: KVSize
+    log: str
+
+
+def tool(name: str, cuda: bool = False) -> Path:
+    return build.bin_dir(cuda) / name
+
+
+def kv_size(log: str) -> KVSize:
+    """Sum of every KV cache the log reports (SWA models have two)."""
+    found = _KV.findall(log)
+    if not found:
+        raise RuntimeError("no llama_kv_cache size line in the log")
+    return KVSize(*(sum(float(f[i]) for f in found) for i in (0, 2, 4)))
+
+
+def cache_args(k: str, v: str) -> list[str]:
+    return ["-fa", "on", "-ctk", k, "-ctv", v]
+
+
+def perplexity(model: Path, text: Path, k: str = "f16", v: str = "f16", ctx: int = 512,
+               chunks: int | None = None, threads: int | None = None, extra: tuple[str, ...] = ()) -> Perplexity:
+    cmd = [str(tool("llama-perplexity")), "-m", str(model), "-f", str(text), "-c", str(ctx),
+           *cache_args(k, v), *extra]
+    if chunks:
+        cmd += ["--chunks", str(chunks)]
+    if threads:
+        cmd += ["-t", str(threads)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    log = r.stdout + r.stderr
+    m = _PPL.search(log)
+    if r.returncode != 0 or not m:
+        raise RuntimeError(f"llama-perplexity failed ({r.returncode}) for K={k} V={v}:\n{log[-3000:]}")
+    return Perplexity(float(m.group(1)), float(m.group(2)), kv_size(log), log)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """llama-server on a free local port; a context manager that stops it and keeps its log."""
+
+    def __init__(self, model: Path, args: list[str], ctx: int = 2048, startup_s: float = 120.0):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.cmd = [str(tool("llama-server")), "-m", str(model), "--host", "127.0.0.1",
+                    "--port", str(self.port), "-c", str(ctx), *args]
+        self.startup_s = startup_s
+        self.log = ""
+
+    def __enter__(self) -> "Server":
+        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + self.startup_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                self.log = self.proc.stdout.read()
+                raise RuntimeError(f"llama-server exited with {self.proc.returncode}:\n{self.log[-3000:]}")
+            try:
+                if requests.get(self.url + "/health", timeout=1).status_code == 200:
+                    return self
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.25)
+        self.__exit__()
+        raise TimeoutError(f"llama-server not healthy after {self.startup_s} s:\n{self.log[-3000:]}")
+
+    def __exit__(self, *exc: object) -> None:
+        self.proc.terminate()
+        try:
+            out, _ = self.proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            out, _ = self.proc.communicate()
+        self.log += out or ""
+
+    def chat(self, prompt: str, max_tokens: int = 48) -> str:
+        r = requests.post(self.url + "/v1/chat/completions", timeout=300, json={
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": max_tokens, "temperature": 0.0,
+        })
+        r.raise_for_status()
+        return r.json()["choices"][0]["message"]["content"]

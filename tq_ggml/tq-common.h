@@ -1,0 +1,34 @@
+// TurboQuant KV-cache block formats (arXiv 2504.19874, Algorithm 1: TurboQuant_mse).
+//
+// A block holds QK_TQ consecutive values of an already rotated K or V row (llama.cpp applies a
+// Hadamard rotation to Q/K/V whenever the cache type is quantized: README, "Rotation"), their
+// L2 norm d and one Lloyd-Max codebook index per value. The codebooks (tq-codebooks.h) are solved
+// for the coordinate law of a random unit vector in R^QK_TQ, so value i is rebuilt as
+// d * centroid[index_i].
+//
+// Indices form a little-endian bit stream: index i occupies bits [b*i, b*i + b) of qs. Eight
+// consecutive indices thus sit in exactly b bytes: 3-bit indices are packed densely, and SIMD or
+// CUDA code decodes 8 values from one small load.
+//
+// Include after ggml-common.h (ggml_half must be declared).
+#pragma once
+
+#define QK_TQ 64
+
+typedef struct {
+    ggml_half d;              // L2 norm of the block
+    uint8_t qs[QK_TQ * 2 / 8]; // 2-bit indices
+} block_turbo2_0;
+static_assert(sizeof(block_turbo2_0) == sizeof(ggml_half) + QK_TQ * 2 / 8, "wrong turbo2_0 block size/padding");
+
+typedef struct {
+    ggml_half d;              // L2 norm of the block
+    uint8_t qs[QK_TQ * 3 / 8]; // 3-bit indices
+} block_turbo3_0;
+static_assert(sizeof(block_turbo3_0) == sizeof(ggml_half) + QK_TQ * 3 / 8, "wrong turbo3_0 block size/padding");
+
+typedef struct {
+    ggml_half d;              // L2 norm of the block
+    uint8_t qs[QK_TQ * 4 / 8]; // 4-bit indices
+} block_turbo4_0;
+static_assert(sizeof(block_turbo4_0) == sizeof(ggml_half) + QK_TQ * 4 / 8, "wrong turbo4_0 block size/padding");

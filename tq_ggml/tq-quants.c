@@ -1,0 +1,130 @@
+// TurboQuant_mse reference quantization (arXiv 2504.19874, Algorithm 1) for rotated KV rows.
+#define GGML_COMMON_IMPL_C
+#include "ggml-common.h"
+
+#include "tq-quants.h"
+#include "tq-codebooks.h"
+#include "ggml-impl.h"
+
+#include <assert.h>
+#include <math.h>
+#include <string.h>
+
+static_assert(TQ_CODEBOOK_DIM == QK_TQ, "codebooks must be solved for the block dimension");
+
+// largest finite fp16: a larger norm is clamped rather than stored as inf (NaN stays NaN)
+#define TQ_NORM_MAX 65504.0f
+
+// Eight b-bit indices live in b bytes (little endian), see tq-common.h.
+static inline uint32_t tq_load_group(const uint8_t * p, int bits) {
+    uint32_t w = 0;
+    for (int j = 0; j < bits; ++j) {
+        w |= (uint32_t) p[j] << (8*j);
+    }
+    return w;
+}
+
+static inline void tq_store_group(uint8_t * p, uint32_t w, int bits) {
+    for (int j = 0; j < bits; ++j) {
+        p[j] = (uint8_t) (w >> (8*j));
+    }
+}
+
+// One block: norm in double (so every backend rounds the same value to fp32), then each value is
+// compared with boundary*norm instead of being divided by the norm: a product is exactly rounded
+// on every backend, a fast-math division is not.
+static void tq_quantize_block(const float * GGML_RESTRICT x, ggml_half * d, uint8_t * GGML_RESTRICT qs,
+                              int bits, const float * boundaries) {
+    const int nb = (1 << bits) - 1;
+
+    double sumsq = 0.0;
+    for (int i = 0; i < QK_TQ; ++i) {
+        sumsq += (double) x[i] * (double) x[i];
+    }
+    const float norm = (float) sqrt(sumsq);
+
+    float thr[15];
+    for (int j = 0; j < nb; ++j) {
+        thr[j] = boundaries[j] * norm;
+    }
+
+    for (int g = 0; g < QK_TQ/8; ++g) {
+        uint32_t w = 0;
+        for (int l = 0; l < 8; ++l) {
+            const float v = x[8*g + l];
+            uint32_t idx = 0;
+            for (int j = 0; j < nb; ++j) {
+                idx += v > thr[j];
+            }
+            w |= idx << (bits*l);
+        }
+        tq_store_group(qs + bits*g, w, bits);
+    }
+
+    *d = GGML_FP32_TO_FP16(norm > TQ_NORM_MAX ? TQ_NORM_MAX : norm);
+}
+
+static void tq_dequantize_block(ggml_half d16, const uint8_t * GGML_RESTRICT qs, float * GGML_RESTRICT y,
+                                int bits, const float * centroids) {
+    const float d = GGML_FP16_TO_FP32(d16);
+    const uint32_t mask = (1u << bits) - 1;
+
+    for (int g = 0; g < QK_TQ/8; ++g) {
+        const uint32_t w = tq_load_group(qs + bits*g, bits);
+        for (int l = 0; l < 8; ++l) {
+            y[8*g + l] = d * centroids[(w >> (bits*l)) & mask];
+        }
+    }
+}
+
+#define TQ_DEFINE_ROW_FUNCS(BITS)                                                                          \
+void quantize_row_turbo##BITS##_0_ref(const float * GGML_RESTRICT x, block_turbo##BITS##_0 * GGML_RESTRICT y, int64_t k) { \
+    assert(k % QK_TQ == 0);                                                                                \
+    for (int64_t i = 0; i < k/QK_TQ; ++i) {                                                                \
+        tq_quantize_block(x + i*QK_TQ, &y[i].d, y[i].qs, BITS, tq_boundaries_##BITS);                      \
+    }                                                                                                      \
+}                                                                                                          \
+void dequantize_row_turbo##BITS##_0(const block_turbo##BITS##_0 * GGML_RESTRICT x, float * GGML_RESTRICT y, int64_t k) { \
+    assert(k % QK_TQ == 0);                                                                                \
+    for (int64_t i = 0; i < k/QK_TQ; ++i) {                                                                \
+        tq_dequantize_block(x[i].d, x[i].qs, y + i*QK_TQ, BITS, tq_centroids_##BITS);                      \
+    }                                                                                                      \
+}                                                                                                          \
+size_t quantize_turbo##BITS##_0(const float * GGML_RESTRICT src, void * GGML_RESTRICT dst, int64_t nrows, \
+                                int64_t n_per_row, const float * imatrix) {                                \
+    GGML_UNUSED(imatrix); /* data-oblivious: the codebook does not depend on the data */                   \
+    const size_t row_size = ggml_row_size(GGML_TYPE_TURBO##BITS##_0, n_per_row);                           \
+    for (int64_t r = 0; r < nrows; ++r) {                                                                  \
+        quantize_row_turbo##BITS##_0_ref(src + r*n_per_row,                                                \
+            (block_turbo##BITS##_0 *) ((char *) dst + r*row_size), n_per_row);                             \
+    }                                                                                                      \
+    return nrows*row_size;                                                                                 \
+}
+
+TQ_DEFINE_ROW_FUNCS(2)
+TQ_DEFINE_ROW_FUNCS(3)
+TQ_DEFINE_ROW_FUNCS(4)
+
+// Cache-type names. ggml's own "tq1_0"/"tq2_0" are ternary weight types; as KV-cache types the
+// tqN_0 names select TurboQuant (ternary weights were never valid cache types).
+enum ggml_type ggml_turbo_type_from_name(const char * name) {
+    static const struct { const char * name; enum ggml_type type; } names[] = {
+        { "tq2_0",    GGML_TYPE_TURBO2_0 }, { "tq3_0",    GGML_TYPE_TURBO3_0 }, { "tq4_0",    GGML_TYPE_TURBO4_0 },
+        { "turbo2_0", GGML_TYPE_TURBO2_0 }, { "turbo3_0", GGML_TYPE_TURBO3_0 }, { "turbo4_0", GGML_TYPE_TURBO4_0 },
+    };
+    for (size_t i = 0; i < sizeof(names)/sizeof(names[0]); ++i) {
+        if (strcmp(name, names[i].name) == 0) {
+            return names[i].type;
+        }
+    }
+    return GGML_TYPE_COUNT;
+}
+
+const char * ggml_turbo_type_desc(enum ggml_type type) {
+    switch (type) {
+        case GGML_TYPE_TURBO2_0: return "TurboQuant tq2_0 (2-bit Lloyd-Max, 2.25 bits/value)";
+        case GGML_TYPE_TURBO3_0: return "TurboQuant tq3_0 (3-bit Lloyd-Max, 3.25 bits/value)";
+        case GGML_TYPE_TURBO4_0: return "TurboQuant tq4_0 (4-bit Lloyd-Max, 4.25 bits/value)";
+        default:                 return NULL;
+    }
+}
