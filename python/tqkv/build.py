@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -78,41 +79,49 @@ def _stamp_ok(stamp: Path, value: str) -> bool:
 
 
 def prepare_tree(layout: Layout) -> None:
-    """Unpack the verified sdist and apply patches/ (again only when the series changed)."""
+    """Unpack the verified sdist and apply patches/; then sync tq_ggml/ into it.
+
+    When the patch series changes, a fresh patched tree is made beside the build tree and only
+    the files that differ are copied over, so CMake recompiles just what the change touched.
+    """
     sdist = assets.llama_cpp_sdist()
     patches = sorted((REPO / "patches").glob("*.patch"))
     stamp = layout.root / "src" / ".patched"
     want = _digest(patches, extra=sdist.name)
     if not (_stamp_ok(stamp, want) and layout.tree.exists()):
-        if layout.tree.exists():
-            shutil.rmtree(layout.tree)
-        layout.tree.parent.mkdir(parents=True, exist_ok=True)
+        staging = layout.root / "staging"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
         _log(f"unpacking {sdist.name}")
         with tarfile.open(sdist) as tf:
-            tf.extractall(layout.tree.parent, filter="data")
+            tf.extractall(staging, filter="data")
+        fresh = staging / SDIST_ROOT
         # the sdist carries dangling .git files that make git and CMake think this is a checkout
-        for stray in (layout.tree / ".git", layout.llama_cpp / ".git"):
+        for stray in (fresh / ".git", fresh / "vendor" / "llama.cpp" / ".git"):
             if stray.is_file():
                 stray.unlink()
         for p in patches:
             _log(f"applying {p.name}")
-            _run(["patch", "-p1", "--forward", "--quiet", "-i", str(p)], cwd=layout.tree)
+            _run(["patch", "-p1", "--forward", "--quiet", "-i", str(p)], cwd=fresh)
+        _sync_dir(fresh, layout.tree, keep={"ggml-tq"})
+        shutil.rmtree(staging)
         stamp.write_text(want)
-    _sync_tq_sources(layout)
+    _sync_dir(REPO / "tq_ggml", layout.llama_cpp / "ggml" / "src" / "ggml-tq")
 
 
-def _sync_tq_sources(layout: Layout) -> None:
-    """Copy tq_ggml/ into the tree, touching only changed files so the rebuild stays incremental."""
-    dst = layout.llama_cpp / "ggml" / "src" / "ggml-tq"
-    dst.mkdir(exist_ok=True)
-    src_files = {p.name: p for p in (REPO / "tq_ggml").iterdir() if p.is_file()}
-    for name, p in src_files.items():
-        target = dst / name
-        if not target.exists() or target.read_bytes() != p.read_bytes():
-            shutil.copyfile(p, target)
+def _sync_dir(src: Path, dst: Path, keep: set[str] = frozenset()) -> None:
+    """Make dst a copy of src, rewriting only files whose bytes differ (mtimes drive rebuilds)."""
+    dst.mkdir(parents=True, exist_ok=True)
+    names = {p.name for p in src.iterdir()}
+    for p in src.iterdir():
+        target = dst / p.name
+        if p.is_dir():
+            _sync_dir(p, target, keep)
+        elif not target.is_file() or target.read_bytes() != p.read_bytes():
+            shutil.copy(p, target)  # fresh mtime, so the build sees the change
     for stale in dst.iterdir():
-        if stale.name not in src_files:
-            stale.unlink()
+        if stale.name not in names and stale.name not in keep:
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
 
 
 def cmake_build(layout: Layout, cuda: bool, jobs: int, cuda_archs: str | None) -> Path:
@@ -140,26 +149,33 @@ def cmake_build(layout: Layout, cuda: bool, jobs: int, cuda_archs: str | None) -
     return layout.bin_dir(cuda)
 
 
-def _shared_libs(bin_dir: Path) -> list[Path]:
-    return sorted(p for p in bin_dir.glob("lib*.so*") if p.is_file())
+def _stage_libs(bin_dir: Path, dest: Path) -> list[Path]:
+    """Copy the built libraries under the names the loaders ask for: each SONAME
+    (libggml.so.0, ...) for the dynamic linker, and libllama.so / libmtmd.so for llama_cpp's ctypes."""
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir(parents=True)
+    for p in bin_dir.glob("lib*.so*"):
+        if re.fullmatch(r"lib.+\.so\.\d+", p.name):
+            shutil.copy(p.resolve(), dest / p.name)
+    for name in ("libllama.so", "libmtmd.so"):
+        if (bin_dir / name).exists():
+            shutil.copy((bin_dir / name).resolve(), dest / name)
+    staged = sorted(dest.iterdir())
+    if not (dest / "libllama.so").exists():
+        raise RuntimeError(f"no libllama.so in {bin_dir}: the CMake build did not produce it")
+    return staged
 
 
 def install_python(layout: Layout, bin_dir: Path) -> None:
-    """pip-install the patched llama-cpp-python with the libraries built above inside it."""
-    libs = _shared_libs(bin_dir)
-    if not any(p.name.startswith("libllama") for p in libs):
-        raise RuntimeError(f"no libllama in {bin_dir}: the CMake build did not produce it")
+    """pip-install the patched llama-cpp-python, packaging the libraries built above."""
+    pylib = bin_dir.parent / "pylib"
+    libs = _stage_libs(bin_dir, pylib)
     stamp = layout.root / f".installed-{bin_dir.parent.name}"
     want = _digest([*libs, *(layout.tree / "llama_cpp").glob("*.py")], extra=sys.executable)
     if _stamp_ok(stamp, want) and _llama_cpp_is_ours():
         _log("llama-cpp-python up to date")
         return
-    pkg_lib = layout.tree / "llama_cpp" / "lib"
-    shutil.rmtree(pkg_lib, ignore_errors=True)
-    pkg_lib.mkdir(parents=True)
-    for p in libs:
-        shutil.copy2(p, pkg_lib / p.name)
-    env = dict(os.environ, CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF")
+    env = dict(os.environ, CMAKE_ARGS=f"-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF -DLLAMA_PREBUILT_LIB_DIR={pylib}")
     _run([sys.executable, "-m", "pip", "install", "--no-deps", "--force-reinstall", str(layout.tree)], env=env)
     if not _llama_cpp_is_ours():
         raise RuntimeError("installed llama-cpp-python does not load the TurboQuant build")

@@ -1,0 +1,28 @@
+"""llama-perplexity with TurboQuant caches stays close to f16 on a Canterbury text."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tqkv import runner
+
+CTX, CHUNKS = 512, 6
+
+
+@pytest.fixture(scope="module")
+def f16(bin_dir: Path, smollm2: Path, alice: Path) -> runner.Perplexity:
+    return runner.perplexity(smollm2, alice, "f16", "f16", ctx=CTX, chunks=CHUNKS)
+
+
+# bounds on PPL relative to f16 (SmolLM2-135M Q4_1, alice29, ctx 512, 6 chunks), measured with
+# headroom: tq4_0 +0.9%, tq3_0/tq2_0 +5.6% (README, "Quality")
+@pytest.mark.parametrize("k,v,bound", [("tq4_0", "tq4_0", 0.03), ("tq3_0", "tq2_0", 0.10)])
+def test_ppl_close_to_f16(f16: runner.Perplexity, smollm2: Path, alice: Path, k: str, v: str, bound: float) -> None:
+    tq = runner.perplexity(smollm2, alice, k, v, ctx=CTX, chunks=CHUNKS)
+    assert tq.ppl / f16.ppl - 1 < bound, (tq.ppl, f16.ppl)
+    # and the cache really is smaller: 4.25 or 3.25/2.25 bits per value against 16
+    bits = {"tq4_0": 4.25, "tq3_0": 3.25, "tq2_0": 2.25}
+    assert tq.kv.k_mib == pytest.approx(f16.kv.k_mib * bits[k] / 16, rel=1e-3)
+    assert tq.kv.v_mib == pytest.approx(f16.kv.v_mib * bits[v] / 16, rel=1e-3)
