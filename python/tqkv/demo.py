@@ -8,7 +8,7 @@ from pathlib import Path
 from . import assets, runner
 from .types import cache_type
 
-PROMPT = "The three primary colors are"
+PROMPT = "What is the capital of France? Answer in one sentence."
 
 
 @dataclass(frozen=True)
@@ -23,14 +23,15 @@ class Row:
 
 
 def generate(model: Path, k: str, v: str, prompt: str = PROMPT, max_tokens: int = 32) -> str:
-    """Greedy completion through the patched llama-cpp-python."""
+    """Greedy chat answer through the patched llama-cpp-python."""
     from llama_cpp import Llama  # the patched build, installed by `tqkv build`
 
     llm = Llama(model_path=str(model), n_ctx=512, flash_attn=True, verbose=False, seed=0,
                 type_k=cache_type(k).ggml_id, type_v=cache_type(v).ggml_id)
     try:
-        out = llm.create_completion(prompt, max_tokens=max_tokens, temperature=0.0)
-        return out["choices"][0]["text"]
+        out = llm.create_chat_completion([{"role": "user", "content": prompt}], max_tokens=max_tokens,
+                                         temperature=0.0)
+        return out["choices"][0]["message"]["content"]
     finally:
         llm.close()
 

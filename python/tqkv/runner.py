@@ -45,7 +45,8 @@ def kv_size(log: str) -> KVSize:
 
 
 def cache_args(k: str, v: str) -> list[str]:
-    return ["-fa", "on", "-ctk", k, "-ctv", v]
+    # -lv 4: the tools hide the library's KV-cache lines (size, TurboQuant, rotation) below it
+    return ["-fa", "on", "-ctk", k, "-ctv", v, "-lv", "4"]
 
 
 def perplexity(model: Path, text: Path, k: str = "f16", v: str = "f16", ctx: int = 512,
