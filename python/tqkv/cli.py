@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from . import assets, build, codebooks, demo
+from . import assets, build, codebooks, demo, quality
 
 
 def _build(a: argparse.Namespace) -> None:
@@ -26,6 +27,11 @@ def _demo(a: argparse.Namespace) -> None:
     configs = tuple(tuple(c.split("/")) for c in a.configs)
     rows = demo.run(a.model, a.text, a.ctx, a.chunks, configs)
     print(demo.table(rows, a.ctx))
+
+
+def _ppl(a: argparse.Namespace) -> None:
+    scores = quality.run(a.model, a.text, a.ctx, a.chunks, a.configs, a.out)
+    print(quality.table(scores))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,6 +59,15 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--chunks", type=int, default=8)
     d.add_argument("--configs", nargs="+", default=["f16/f16", "tq3_0/tq2_0"], metavar="K/V")
     d.set_defaults(fn=_demo)
+
+    q = sub.add_parser("ppl", help="perplexity / KL divergence of cache configurations against f16")
+    q.add_argument("--model", default="smollm2", choices=assets.MODELS)
+    q.add_argument("--text", default="alice29", choices=assets.TEXTS)
+    q.add_argument("--ctx", type=int, default=2048)
+    q.add_argument("--chunks", type=int, default=8)
+    q.add_argument("--configs", nargs="+", default=list(quality.DEFAULT_CONFIGS), metavar="K/V[:norot]")
+    q.add_argument("--out", type=Path, default=build.REPO / "results" / "quality")
+    q.set_defaults(fn=_ppl)
 
     a = p.parse_args(argv)
     try:

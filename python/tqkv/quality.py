@@ -1,0 +1,163 @@
+"""Paired perplexity / KL-divergence of KV-cache configurations against f16 logits.
+
+The f16 logits of a model on a text are saved once (llama-perplexity --kl-divergence-base);
+every configuration is then scored against them on the same tokens. Results are cached per
+configuration, so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import subprocess
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from . import assets, runner
+from .types import cache_type
+
+# upstream types with their rotation (q4_0 also without it), then TQ types, symmetric and mixed
+DEFAULT_CONFIGS: tuple[str, ...] = (
+    "q8_0/q8_0", "q5_1/q5_1", "q5_0/q5_0", "q4_1/q4_1", "iq4_nl/iq4_nl", "q4_0/q4_0", "q4_0/q4_0:norot",
+    "tq4_0/tq4_0", "tq3_0/tq3_0", "tq2_0/tq2_0",
+    "tq4_0/tq3_0", "tq3_0/tq2_0", "tq4_0/tq2_0", "q8_0/tq4_0", "q8_0/tq3_0", "q8_0/tq2_0",
+)
+
+_FIELDS = {
+    "ppl": r"Mean PPL\(Q\)\s+:\s+([0-9.]+)",
+    "ppl_base": r"Mean PPL\(base\)\s+:\s+([0-9.]+)",
+    "kld_mean": r"Mean\s+KLD:\s+([0-9.eE+-]+)",
+    "kld_p99": r"99\.0%\s+KLD:\s+([0-9.eE+-]+)",
+    "same_top": r"Same top p:\s+([0-9.]+)",
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    k: str
+    v: str
+    norot: bool = False  # LLAMA_ATTN_ROT_DISABLE=1
+
+    @classmethod
+    def parse(cls, s: str) -> "Config":
+        kv, _, flag = s.partition(":")
+        k, sep, v = kv.partition("/")
+        if not sep or flag not in ("", "norot"):
+            raise ValueError(f"bad configuration {s!r}: expected K/V or K/V:norot")
+        cache_type(k), cache_type(v)  # unknown names fail here, before any run
+        return cls(k, v, flag == "norot")
+
+    @property
+    def name(self) -> str:
+        return f"{self.k}/{self.v}" + (":norot" if self.norot else "")
+
+    @property
+    def bits(self) -> float:
+        return (cache_type(self.k).bits_per_value + cache_type(self.v).bits_per_value) / 2
+
+
+@dataclass(frozen=True)
+class Score:
+    config: str
+    bits: float
+    ppl: float
+    ppl_base: float
+    kld_mean: float
+    kld_p99: float
+    same_top: float
+
+    @property
+    def dppl_pct(self) -> float:
+        return 100 * (self.ppl / self.ppl_base - 1)
+
+
+def _key(*parts: object) -> str:
+    return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
+
+
+def base_logits(model: Path, text: Path, ctx: int, chunks: int, cache: Path) -> Path:
+    """f16 logits of the model on the text, saved once."""
+    out = cache / f"base-{model.stem}-{text.stem}-c{ctx}-n{chunks}.kld"
+    if not out.exists():
+        print(f"[tqkv ppl] f16 base logits -> {out}", flush=True)
+        tmp = out.with_suffix(".tmp")
+        _perplexity(["-m", str(model), "-f", str(text), "-c", str(ctx), "--chunks", str(chunks),
+                     "--kl-divergence-base", str(tmp), *runner.cache_args("f16", "f16")])
+        tmp.rename(out)
+    return out
+
+
+def score(model: Path, base: Path, cfg: Config, cache: Path, ctx: int) -> Score:
+    """Score one configuration against the base logits (cached)."""
+    out = cache / f"score-{_key(model.name, base.name, cfg.name, ctx)}.json"
+    if out.exists():
+        return Score(**json.loads(out.read_text()))
+    print(f"[tqkv ppl] {cfg.name}", flush=True)
+    env = {"LLAMA_ATTN_ROT_DISABLE": "1"} if cfg.norot else {}
+    log = _perplexity(["-m", str(model), "-c", str(ctx), "--kl-divergence-base", str(base), "--kl-divergence",
+                       *runner.cache_args(cfg.k, cfg.v)], env)
+    vals = {}
+    for field, pattern in _FIELDS.items():
+        m = re.search(pattern, log)
+        if not m:
+            raise RuntimeError(f"no {field} in llama-perplexity output for {cfg.name}:\n{log[-3000:]}")
+        vals[field] = float(m.group(1))
+    s = Score(cfg.name, cfg.bits, **vals)
+    out.write_text(json.dumps(asdict(s)))
+    return s
+
+
+def _perplexity(args: list[str], env: dict[str, str] | None = None) -> str:
+    r = subprocess.run([str(runner.tool("llama-perplexity")), *args], capture_output=True, text=True,
+                       env={**os.environ, **(env or {})})
+    log = r.stdout + r.stderr
+    if r.returncode != 0:
+        raise RuntimeError(f"llama-perplexity failed ({r.returncode}):\n{log[-3000:]}")
+    return log
+
+
+def run(model_name: str, text_name: str, ctx: int, chunks: int, configs: list[str],
+        out_dir: Path) -> list[Score]:
+    cfgs = [Config.parse(c) for c in configs]
+    model, text = assets.model(model_name), assets.text(text_name)
+    cache = assets.cache_dir() / "ppl"
+    cache.mkdir(exist_ok=True)
+    base = base_logits(model, text, ctx, chunks, cache)
+    scores = [score(model, base, c, cache, ctx) for c in cfgs]
+    write_report(scores, out_dir, f"{model_name}-{text_name}-c{ctx}")
+    return scores
+
+
+def table(scores: list[Score]) -> str:
+    lines = ["| K / V | bits/value | PPL | ΔPPL | mean KLD | p99 KLD | same top |",
+             "|---|---|---|---|---|---|---|"]
+    for s in sorted(scores, key=lambda s: -s.bits):
+        lines.append(f"| {s.config} | {s.bits:.2f} | {s.ppl:.4f} | {s.dppl_pct:+.2f}% | {s.kld_mean:.5f} | "
+                     f"{s.kld_p99:.4f} | {s.same_top:.2f}% |")
+    return "\n".join(lines)
+
+
+def write_report(scores: list[Score], out_dir: Path, stem: str) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{stem}.md").write_text(table(scores) + "\n")
+    (out_dir / f"{stem}.json").write_text(json.dumps([asdict(s) for s in scores], indent=1) + "\n")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for s in scores:
+        tq = "tq" in s.config
+        ax.scatter(s.bits, s.kld_mean, marker="o" if tq else "s", color="C1" if tq else "C0")
+        ax.annotate(s.config, (s.bits, s.kld_mean), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_yscale("log")
+    ax.set_xlabel("bits per value (K and V averaged)")
+    ax.set_ylabel("mean KLD vs f16")
+    ax.set_title(stem)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_dir / f"{stem}.png", dpi=120)
+    plt.close(fig)
