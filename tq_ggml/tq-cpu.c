@@ -12,7 +12,6 @@
 #include "ggml-tq/tq-cpu.h"
 
 #include <assert.h>
-#include <string.h>
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -31,10 +30,13 @@ void quantize_row_turbo4_0(const float * GGML_RESTRICT x, void * GGML_RESTRICT y
     quantize_row_turbo4_0_ref(x, (block_turbo4_0 *) y, k);
 }
 
-// 8 indices of `bits` bits each, packed little endian in `bits` bytes
+// 8 indices of `bits` bits each, packed little endian in `bits` bytes; assembled in a register
+// (a memcpy into a stack word stalls on store forwarding before the broadcast)
 static inline uint32_t tq_group_bits(const uint8_t * p, int bits) {
     uint32_t w = 0;
-    memcpy(&w, p, bits); // bits <= 4; little endian host assumed, as elsewhere in ggml-cpu
+    for (int j = 0; j < bits; ++j) {
+        w |= (uint32_t) p[j] << (8*j);
+    }
     return w;
 }
 

@@ -33,7 +33,7 @@ static inline void tq_store_group(uint8_t * p, uint32_t w, int bits) {
 // One block: norm in double (so every backend rounds the same value to fp32), then each value is
 // compared with boundary*norm instead of being divided by the norm: a product is exactly rounded
 // on every backend, a fast-math division is not.
-static void tq_quantize_block(const float * GGML_RESTRICT x, ggml_half * d, uint8_t * GGML_RESTRICT qs,
+static inline void tq_quantize_block(const float * GGML_RESTRICT x, ggml_half * d, uint8_t * GGML_RESTRICT qs,
                               int bits, const float * boundaries) {
     const int nb = (1 << bits) - 1;
 
@@ -64,7 +64,7 @@ static void tq_quantize_block(const float * GGML_RESTRICT x, ggml_half * d, uint
     *d = GGML_FP32_TO_FP16(norm > TQ_NORM_MAX ? TQ_NORM_MAX : norm);
 }
 
-static void tq_dequantize_block(ggml_half d16, const uint8_t * GGML_RESTRICT qs, float * GGML_RESTRICT y,
+static inline void tq_dequantize_block(ggml_half d16, const uint8_t * GGML_RESTRICT qs, float * GGML_RESTRICT y,
                                 int bits, const float * centroids) {
     const float d = GGML_FP16_TO_FP32(d16);
     const uint32_t mask = (1u << bits) - 1;
