@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--text", default="alice29", choices=assets.TEXTS)
     d.add_argument("--ctx", type=int, default=1024)
     d.add_argument("--chunks", type=int, default=8)
-    d.add_argument("--configs", nargs="+", default=["f16/f16", "tq3_0/tq2_0"], metavar="K/V")
+    d.add_argument("--configs", nargs="+", default=["f16/f16", "tq4_0/tq4_0", "tq3_0/tq2_0"], metavar="K/V")
     d.set_defaults(fn=_demo)
 
     q = sub.add_parser("ppl", help="perplexity / KL divergence of cache configurations against f16")

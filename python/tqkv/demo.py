@@ -17,6 +17,7 @@ class Row:
     v: str
     bits: float
     kv_mib: float
+    kv_cells: int
     ppl: float
     ppl_err: float
     text: str
@@ -37,7 +38,7 @@ def generate(model: Path, k: str, v: str, prompt: str = PROMPT, max_tokens: int 
 
 
 def run(model_name: str = "smollm2", text_name: str = "alice29", ctx: int = 1024, chunks: int = 8,
-        configs: tuple[tuple[str, str], ...] = (("f16", "f16"), ("tq3_0", "tq2_0"))) -> list[Row]:
+        configs: tuple[tuple[str, str], ...] = (("f16", "f16"), ("tq4_0", "tq4_0"), ("tq3_0", "tq2_0"))) -> list[Row]:
     model = assets.model(model_name)
     text = assets.text(text_name)
     rows = []
@@ -45,14 +46,14 @@ def run(model_name: str = "smollm2", text_name: str = "alice29", ctx: int = 1024
         print(f"[tqkv demo] K={k} V={v}: perplexity on {text.name}, ctx {ctx}, {chunks} chunks", flush=True)
         p = runner.perplexity(model, text, k, v, ctx=ctx, chunks=chunks)
         bits = (cache_type(k).bits_per_value + cache_type(v).bits_per_value) / 2
-        rows.append(Row(k, v, bits, p.kv.total_mib, p.ppl, p.err, generate(model, k, v)))
+        rows.append(Row(k, v, bits, p.kv.total_mib, p.kv.cells, p.ppl, p.err, generate(model, k, v)))
     return rows
 
 
 def table(rows: list[Row], ctx: int) -> str:
     base = rows[0]
     lines = [
-        f"| K / V | bits/value | KV MiB @ ctx {ctx} | PPL | dPPL | greedy: {PROMPT!r} |",
+        f"| K / V | bits/value | KV MiB ({base.kv_cells} cells) | PPL @ ctx {ctx} | dPPL | greedy: {PROMPT!r} |",
         "|---|---|---|---|---|---|",
     ]
     for r in rows:

@@ -14,7 +14,8 @@ import requests
 from . import build
 
 _PPL = re.compile(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)")
-_KV = re.compile(r"llama_kv_cache: size = +([0-9.]+) MiB .*K \((\w+)\): +([0-9.]+) MiB, V \((\w+)\): +([0-9.]+) MiB")
+_KV = re.compile(r"llama_kv_cache: size = +([0-9.]+) MiB \( *(\d+) cells, +\d+ layers, +\d+/(\d+) seqs\), "
+                 r"K \((\w+)\): +([0-9.]+) MiB, V \((\w+)\): +([0-9.]+) MiB")
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,7 @@ class KVSize:
     total_mib: float
     k_mib: float
     v_mib: float
+    cells: int  # tokens the cache holds, all streams (llama-perplexity runs several when ctx < batch)
 
 
 @dataclass(frozen=True)
@@ -41,7 +43,7 @@ def kv_size(log: str) -> KVSize:
     found = _KV.findall(log)
     if not found:
         raise RuntimeError("no llama_kv_cache size line in the log")
-    return KVSize(*(sum(float(f[i]) for f in found) for i in (0, 2, 4)))
+    return KVSize(*(sum(float(f[i]) for f in found) for i in (0, 4, 6)), cells=max(int(f[1]) * int(f[2]) for f in found))
 
 
 def cache_args(k: str, v: str) -> list[str]:
