@@ -124,11 +124,11 @@ def _perplexity(args: list[str], env: dict[str, str] | None = None) -> str:
 
 
 def run(model_name: str, text_name: str, ctx: int, chunks: int, configs: list[str],
-        out_dir: Path) -> list[Score]:
+        out_dir: Path, cache: Path | None = None) -> list[Score]:
     cfgs = [Config.parse(c) for c in configs]
     model, text = assets.model(model_name), assets.text(text_name)
-    cache = assets.cache_dir() / "ppl"
-    cache.mkdir(exist_ok=True)
+    cache = cache or assets.cache_dir() / "ppl"
+    cache.mkdir(parents=True, exist_ok=True)
     base = base_logits(model, text, ctx, chunks, cache)
     scores = [score(model, base, c, cache, ctx) for c in cfgs]
     write_report(scores, out_dir, f"{model_name}-{text_name}-c{ctx}")
