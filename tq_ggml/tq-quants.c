@@ -12,7 +12,8 @@
 
 static_assert(TQ_CODEBOOK_DIM == QK_TQ, "codebooks must be solved for the block dimension");
 
-// largest finite fp16: a larger norm is clamped rather than stored as inf (NaN stays NaN)
+// largest finite fp16: a larger finite norm is clamped to it; NaN and inf (from NaN/inf inputs)
+// are stored as they are, so ggml_validate_row_data flags the row
 #define TQ_NORM_MAX 65504.0f
 
 // Eight b-bit indices live in b bytes (little endian), see tq-common.h.
@@ -61,7 +62,7 @@ static inline void tq_quantize_block(const float * GGML_RESTRICT x, ggml_half * 
         tq_store_group(qs + bits*g, w, bits);
     }
 
-    *d = GGML_FP32_TO_FP16(norm > TQ_NORM_MAX ? TQ_NORM_MAX : norm);
+    *d = GGML_FP32_TO_FP16(norm > TQ_NORM_MAX && !isinf(norm) ? TQ_NORM_MAX : norm);
 }
 
 static inline void tq_dequantize_block(ggml_half d16, const uint8_t * GGML_RESTRICT qs, float * GGML_RESTRICT y,
