@@ -24,7 +24,7 @@ def _codebooks(a: argparse.Namespace) -> None:
 
 
 def _demo(a: argparse.Namespace) -> None:
-    configs = tuple(tuple(c.split("/")) for c in a.configs)
+    configs = tuple((c.k, c.v) for c in map(quality.Config.parse, a.configs))
     rows = demo.run(a.model, a.text, a.ctx, a.chunks, configs)
     print(demo.table(rows, a.ctx))
 
@@ -32,6 +32,18 @@ def _demo(a: argparse.Namespace) -> None:
 def _ppl(a: argparse.Namespace) -> None:
     scores = quality.run(a.model, a.text, a.ctx, a.chunks, a.configs, a.out)
     print(quality.table(scores))
+
+
+def _run_parser(sub: argparse._SubParsersAction, name: str, help: str, ctx: int, configs: list[str],
+                metavar: str) -> argparse.ArgumentParser:
+    """A subcommand that runs a model on a text under several cache configurations."""
+    r = sub.add_parser(name, help=help)
+    r.add_argument("--model", default="smollm2", choices=assets.MODELS)
+    r.add_argument("--text", default="alice29", choices=assets.TEXTS)
+    r.add_argument("--ctx", type=int, default=ctx)
+    r.add_argument("--chunks", type=int, default=8)
+    r.add_argument("--configs", nargs="+", default=configs, metavar=metavar)
+    return r
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,20 +64,12 @@ def main(argv: list[str] | None = None) -> int:
     c = sub.add_parser("codebooks", help="regenerate codebooks/ and tq_ggml/tq-codebooks.h")
     c.set_defaults(fn=_codebooks)
 
-    d = sub.add_parser("demo", help="f16 vs TurboQuant: KV memory, perplexity, greedy text")
-    d.add_argument("--model", default="smollm2", choices=assets.MODELS)
-    d.add_argument("--text", default="alice29", choices=assets.TEXTS)
-    d.add_argument("--ctx", type=int, default=1024)
-    d.add_argument("--chunks", type=int, default=8)
-    d.add_argument("--configs", nargs="+", default=["f16/f16", "tq4_0/tq4_0", "tq3_0/tq2_0"], metavar="K/V")
+    d = _run_parser(sub, "demo", "f16 vs TurboQuant: KV memory, perplexity, greedy text", ctx=1024,
+                    configs=["f16/f16", "tq4_0/tq4_0", "tq3_0/tq2_0"], metavar="K/V")
     d.set_defaults(fn=_demo)
 
-    q = sub.add_parser("ppl", help="perplexity / KL divergence of cache configurations against f16")
-    q.add_argument("--model", default="smollm2", choices=assets.MODELS)
-    q.add_argument("--text", default="alice29", choices=assets.TEXTS)
-    q.add_argument("--ctx", type=int, default=2048)
-    q.add_argument("--chunks", type=int, default=8)
-    q.add_argument("--configs", nargs="+", default=list(quality.DEFAULT_CONFIGS), metavar="K/V[:norot]")
+    q = _run_parser(sub, "ppl", "perplexity / KL divergence of cache configurations against f16", ctx=2048,
+                    configs=list(quality.DEFAULT_CONFIGS), metavar="K/V[:norot]")
     q.add_argument("--out", type=Path, default=build.REPO / "results" / "quality")
     q.set_defaults(fn=_ppl)
 
