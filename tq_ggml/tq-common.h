@@ -32,3 +32,13 @@ typedef struct {
     uint8_t qs[QK_TQ * 4 / 8]; // 4-bit indices
 } block_turbo4_0;
 static_assert(sizeof(block_turbo4_0) == sizeof(ggml_half) + QK_TQ * 4 / 8, "wrong turbo4_0 block size/padding");
+
+// the 8 indices of group g (bits bytes at qs + bits*g), assembled in a register: a memcpy into a
+// stack word would stall on store forwarding before a SIMD broadcast
+static inline uint32_t tq_load_group(const uint8_t * p, int bits) {
+    uint32_t w = 0;
+    for (int j = 0; j < bits; ++j) {
+        w |= (uint32_t) p[j] << (8*j);
+    }
+    return w;
+}

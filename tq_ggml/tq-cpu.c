@@ -30,16 +30,6 @@ void quantize_row_turbo4_0(const float * GGML_RESTRICT x, void * GGML_RESTRICT y
     quantize_row_turbo4_0_ref(x, (block_turbo4_0 *) y, k);
 }
 
-// 8 indices of `bits` bits each, packed little endian in `bits` bytes; assembled in a register
-// (a memcpy into a stack word stalls on store forwarding before the broadcast)
-static inline uint32_t tq_group_bits(const uint8_t * p, int bits) {
-    uint32_t w = 0;
-    for (int j = 0; j < bits; ++j) {
-        w |= (uint32_t) p[j] << (8*j);
-    }
-    return w;
-}
-
 // dot of one block's centroids with 64 floats of y (the caller scales by the block norm)
 static inline float tq_block_dot(const uint8_t * GGML_RESTRICT qs, const float * GGML_RESTRICT y,
                                  int bits, const float * centroids) {
@@ -53,7 +43,7 @@ static inline float tq_block_dot(const uint8_t * GGML_RESTRICT qs, const float *
 
     __m256 acc = _mm256_setzero_ps();
     for (int g = 0; g < QK_TQ/8; ++g) {
-        const __m256i w   = _mm256_set1_epi32((int) tq_group_bits(qs + bits*g, bits));
+        const __m256i w   = _mm256_set1_epi32((int) tq_load_group(qs + bits*g, bits));
         const __m256i idx = _mm256_and_si256(_mm256_srlv_epi32(w, shifts), mask);
         __m256 c = _mm256_permutevar8x32_ps(tlo, idx);
         if (bits == 4) {
@@ -71,7 +61,7 @@ static inline float tq_block_dot(const uint8_t * GGML_RESTRICT qs, const float *
     const uint32_t mask = (1u << bits) - 1;
     float sum = 0.0f;
     for (int g = 0; g < QK_TQ/8; ++g) {
-        const uint32_t w = tq_group_bits(qs + bits*g, bits);
+        const uint32_t w = tq_load_group(qs + bits*g, bits);
         for (int l = 0; l < 8; ++l) {
             sum += centroids[(w >> (bits*l)) & mask] * y[8*g + l];
         }

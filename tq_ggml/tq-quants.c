@@ -16,15 +16,6 @@ static_assert(TQ_CODEBOOK_DIM == QK_TQ, "codebooks must be solved for the block 
 // are stored as they are, so ggml_validate_row_data flags the row
 #define TQ_NORM_MAX 65504.0f
 
-// Eight b-bit indices live in b bytes (little endian), see tq-common.h.
-static inline uint32_t tq_load_group(const uint8_t * p, int bits) {
-    uint32_t w = 0;
-    for (int j = 0; j < bits; ++j) {
-        w |= (uint32_t) p[j] << (8*j);
-    }
-    return w;
-}
-
 static inline void tq_store_group(uint8_t * p, uint32_t w, int bits) {
     for (int j = 0; j < bits; ++j) {
         p[j] = (uint8_t) (w >> (8*j));

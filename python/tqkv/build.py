@@ -184,11 +184,7 @@ def install_python(layout: Layout, bin_dir: Path) -> None:
 
 def _llama_cpp_is_ours() -> bool:
     """True when `import llama_cpp` in a fresh interpreter gets the patched package and libs."""
-    probe = (
-        "import llama_cpp, ctypes; "
-        "assert llama_cpp.GGML_TYPE_TURBO3_0 == 44; "
-        "print(llama_cpp.llama_cpp._lib._name)"
-    )
+    probe = "import llama_cpp; assert llama_cpp.GGML_TYPE_TURBO3_0 == 44"
     env = {k: v for k, v in os.environ.items() if k != "LLAMA_CPP_LIB_PATH"}
     r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env)
     return r.returncode == 0
