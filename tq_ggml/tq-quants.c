@@ -22,38 +22,75 @@ static inline void tq_store_group(uint8_t * p, uint32_t w, int bits) {
     }
 }
 
-// One block: norm in double (so every backend rounds the same value to fp32), then each value is
-// compared with boundary*norm instead of being divided by the norm: a product is exactly rounded
-// on every backend, a fast-math division is not.
-static inline void tq_quantize_block(const float * GGML_RESTRICT x, ggml_half * d, uint8_t * GGML_RESTRICT qs,
-                              int bits, const float * boundaries) {
+// Indices of one block for the scale s: value i gets #(x_i > boundary_j*s). Products, not a
+// division by s: a product is exactly rounded on every backend, a fast-math division is not.
+static inline void tq_block_indices(const float * GGML_RESTRICT x, float s, int bits, const float * boundaries,
+                                    uint8_t * GGML_RESTRICT idx) {
     const int nb = (1 << bits) - 1;
 
+    float thr[15];
+    for (int j = 0; j < nb; ++j) {
+        thr[j] = boundaries[j] * s;
+    }
+    for (int i = 0; i < QK_TQ; ++i) {
+        uint8_t k = 0;
+        for (int j = 0; j < nb; ++j) {
+            k += x[i] > thr[j];
+        }
+        idx[i] = k;
+    }
+}
+
+// One block. The paper encodes with the block norm (d = ||x||). The codebook is solved for the
+// average block, so the encoder tries TQ_SCALE_STEPS scales (28..52)/40 * ||x|| for the decision
+// boundaries and keeps the index set whose least-squares scale d = <x,c>/<c,c> leaves the
+// smallest error ||x||^2 - <x,c>^2/<c,c>; d is stored. A later candidate must beat the best by
+// a relative TQ_SCALE_TIE, far above the rounding of the float64 sums, so that exact ties (a
+// constant block gains the same at every scale) resolve to the first one on every backend. The decoder is the
+// paper's: y_i = d * centroid[idx_i]. Sums in double, so every backend rounds the same values.
+static inline void tq_quantize_block(const float * GGML_RESTRICT x, ggml_half * d, uint8_t * GGML_RESTRICT qs,
+                              int bits, const float * boundaries, const float * centroids) {
     double sumsq = 0.0;
     for (int i = 0; i < QK_TQ; ++i) {
         sumsq += (double) x[i] * (double) x[i];
     }
     const float norm = (float) sqrt(sumsq);
 
-    float thr[15];
-    for (int j = 0; j < nb; ++j) {
-        thr[j] = boundaries[j] * norm;
+    uint8_t idx[QK_TQ];
+    uint8_t best[QK_TQ];
+    float   scale = norm;
+
+    // zero, inf and NaN norms: the paper's encoding (inf/NaN are kept for row validation)
+    tq_block_indices(x, norm, bits, boundaries, best);
+    if (norm > 0.0f && isfinite(norm)) {
+        double best_gain = -1.0;
+        for (int s = 0; s < TQ_SCALE_STEPS; ++s) {
+            tq_block_indices(x, norm * ((float) (TQ_SCALE_MIN + s) / TQ_SCALE_DIV), bits, boundaries, idx);
+            double xc = 0.0;
+            double cc = 0.0;
+            for (int i = 0; i < QK_TQ; ++i) {
+                const double c = centroids[idx[i]];
+                xc += (double) x[i] * c;
+                cc += c * c;
+            }
+            const double gain = xc*xc/cc;
+            if (gain > best_gain*(1.0 + TQ_SCALE_TIE)) {
+                best_gain = gain;
+                scale     = (float) (xc/cc);
+                memcpy(best, idx, sizeof(idx));
+            }
+        }
     }
 
     for (int g = 0; g < QK_TQ/8; ++g) {
         uint32_t w = 0;
         for (int l = 0; l < 8; ++l) {
-            const float v = x[8*g + l];
-            uint32_t idx = 0;
-            for (int j = 0; j < nb; ++j) {
-                idx += v > thr[j];
-            }
-            w |= idx << (bits*l);
+            w |= (uint32_t) best[8*g + l] << (bits*l);
         }
         tq_store_group(qs + bits*g, w, bits);
     }
 
-    *d = GGML_FP32_TO_FP16(norm > TQ_NORM_MAX && !isinf(norm) ? TQ_NORM_MAX : norm);
+    *d = GGML_FP32_TO_FP16(scale > TQ_NORM_MAX && !isinf(scale) ? TQ_NORM_MAX : scale);
 }
 
 static inline void tq_dequantize_block(ggml_half d16, const uint8_t * GGML_RESTRICT qs, float * GGML_RESTRICT y,
@@ -73,7 +110,7 @@ static inline void tq_dequantize_block(ggml_half d16, const uint8_t * GGML_RESTR
 void quantize_row_turbo##BITS##_0_ref(const float * GGML_RESTRICT x, block_turbo##BITS##_0 * GGML_RESTRICT y, int64_t k) { \
     assert(k % QK_TQ == 0);                                                                                \
     for (int64_t i = 0; i < k/QK_TQ; ++i) {                                                                \
-        tq_quantize_block(x + i*QK_TQ, &y[i].d, y[i].qs, BITS, tq_boundaries_##BITS);                      \
+        tq_quantize_block(x + i*QK_TQ, &y[i].d, y[i].qs, BITS, tq_boundaries_##BITS, tq_centroids_##BITS);                      \
     }                                                                                                      \
 }                                                                                                          \
 void dequantize_row_turbo##BITS##_0(const block_turbo##BITS##_0 * GGML_RESTRICT x, float * GGML_RESTRICT y, int64_t k) { \

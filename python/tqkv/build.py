@@ -74,6 +74,15 @@ def _digest(paths: list[Path], extra: str = "") -> str:
     return h.hexdigest()
 
 
+def build_id(cuda: bool = False) -> str:
+    """Digest of the built libraries: cached results are only valid for the build that made them."""
+    libs = [bin_dir(cuda) / n for n in ("libggml-base.so", "libggml-cpu.so", "libllama.so")]
+    missing = [str(p) for p in libs if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"not built: {', '.join(missing)} (run `tqkv build`)")
+    return _digest([p.resolve() for p in libs])[:16]
+
+
 def _stamp_ok(stamp: Path, value: str) -> bool:
     return stamp.exists() and stamp.read_text() == value
 

@@ -20,13 +20,13 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from . import assets, runner
+from . import assets, build, runner
 from .types import cache_type
 
 # upstream types with their rotation (q4_0 also without it), then TQ types, symmetric and mixed
 DEFAULT_CONFIGS: tuple[str, ...] = (
     "q8_0/q8_0", "q5_1/q5_1", "q5_0/q5_0", "q4_1/q4_1", "iq4_nl/iq4_nl", "q4_0/q4_0", "q4_0/q4_0:norot",
-    "tq4_0/tq4_0", "tq3_0/tq3_0", "tq2_0/tq2_0",
+    "tq4_0/tq4_0", "tq4_0/tq4_0:nooff", "tq3_0/tq3_0", "tq2_0/tq2_0",
     "tq4_0/tq3_0", "tq3_0/tq2_0", "tq4_0/tq2_0", "q8_0/tq4_0", "q8_0/tq3_0", "q8_0/tq2_0",
 )
 
@@ -39,24 +39,39 @@ _FIELDS = {
 }
 
 
+# configuration flags: the llama.cpp switch each one sets
+FLAGS = {
+    "norot": {"LLAMA_ATTN_ROT_DISABLE": "1"},  # no Hadamard rotation of Q/K/V
+    "nooff": {"LLAMA_TQ_K_OFFSET": "0"},       # TurboQuant K without the key offset
+}
+
+
 @dataclass(frozen=True)
 class Config:
     k: str
     v: str
-    norot: bool = False  # LLAMA_ATTN_ROT_DISABLE=1
+    flag: str = ""
 
     @classmethod
     def parse(cls, s: str) -> "Config":
         kv, _, flag = s.partition(":")
         k, sep, v = kv.partition("/")
-        if not sep or flag not in ("", "norot"):
-            raise ValueError(f"bad configuration {s!r}: expected K/V or K/V:norot")
+        if not sep or (flag and flag not in FLAGS):
+            raise ValueError(f"bad configuration {s!r}: expected K/V or K/V:flag, flag one of {', '.join(FLAGS)}")
         cache_type(k), cache_type(v)  # unknown names fail here, before any run
-        return cls(k, v, flag == "norot")
+        return cls(k, v, flag)
 
     @property
     def name(self) -> str:
-        return f"{self.k}/{self.v}" + (":norot" if self.norot else "")
+        return f"{self.k}/{self.v}" + (f":{self.flag}" if self.flag else "")
+
+    @property
+    def env(self) -> dict[str, str]:
+        return FLAGS.get(self.flag, {})
+
+    @property
+    def norot(self) -> bool:
+        return self.flag == "norot"
 
     @property
     def bits(self) -> float:
@@ -96,13 +111,12 @@ def base_logits(model: Path, text: Path, ctx: int, chunks: int, cache: Path) -> 
 
 def score(model: Path, base: Path, cfg: Config, cache: Path, ctx: int) -> Score:
     """Score one configuration against the base logits (cached)."""
-    out = cache / f"score-{_key(model.name, base.name, cfg.name, ctx)}.json"
+    out = cache / f"score-{_key(model.name, base.name, cfg.name, ctx, build.build_id())}.json"
     if out.exists():
         return Score(**json.loads(out.read_text()))
     print(f"[tqkv ppl] {cfg.name}", flush=True)
-    env = {"LLAMA_ATTN_ROT_DISABLE": "1"} if cfg.norot else {}
     log = _perplexity(["-m", str(model), "-c", str(ctx), "--kl-divergence-base", str(base), "--kl-divergence",
-                       *runner.cache_args(cfg.k, cfg.v)], env)
+                       *runner.cache_args(cfg.k, cfg.v)], cfg.env)
     vals = {}
     for field, pattern in _FIELDS.items():
         m = re.search(pattern, log)
