@@ -10,7 +10,7 @@ TQ2_0 = 43
 TQ3_0 = 44
 TQ4_0 = 45
 
-QK_TQ = 64  # values per block: one fp16 norm + QK_TQ codebook indices
+QK_TQ = 64  # values per block: one fp16 scale + QK_TQ codebook indices
 
 
 @dataclass(frozen=True)
