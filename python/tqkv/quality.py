@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import subprocess
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -149,12 +151,28 @@ def run(model_name: str, text_name: str, ctx: int, chunks: int, configs: list[st
     return scores
 
 
+# upstream's rate-distortion reference: the log-linear KLD-versus-bits line through these two
+LINE = ("q8_0/q8_0", "q4_0/q4_0")
+
+
+def rd_line(scores: list[Score]) -> Callable[[float], float] | None:
+    """KLD of the line through the LINE configurations at a bit rate (None if one is missing)."""
+    by = {s.config: s for s in scores}
+    if not all(c in by and by[c].kld_mean > 0 for c in LINE):
+        return None
+    (b1, k1), (b2, k2) = ((by[c].bits, by[c].kld_mean) for c in LINE)
+    slope = (math.log(k2) - math.log(k1)) / (b2 - b1)
+    return lambda bits: k1 * math.exp(slope * (bits - b1))
+
+
 def table(scores: list[Score]) -> str:
-    lines = ["| K / V | bits/value | PPL | ΔPPL | mean KLD | p99 KLD | same top |",
-             "|---|---|---|---|---|---|---|"]
+    line = rd_line(scores)
+    lines = ["| K / V | bits/value | PPL | ΔPPL | mean KLD | KLD / line | p99 KLD | same top |",
+             "|---|---|---|---|---|---|---|---|"]
     for s in sorted(scores, key=lambda s: -s.bits):
+        ratio = f"{s.kld_mean / line(s.bits):.2f}" if line else "n/a"
         lines.append(f"| {s.config} | {s.bits:.2f} | {s.ppl:.4f} | {s.dppl_pct:+.2f}% | {s.kld_mean:.5f} | "
-                     f"{s.kld_p99:.4f} | {s.same_top:.2f}% |")
+                     f"{ratio} | {s.kld_p99:.4f} | {s.same_top:.2f}% |")
     return "\n".join(lines)
 
 
@@ -167,6 +185,11 @@ def write_report(scores: list[Score], out_dir: Path, stem: str) -> None:
         tq = "tq" in s.config
         ax.scatter(s.bits, s.kld_mean, marker="o" if tq else "s", color="C1" if tq else "C0")
         ax.annotate(s.config, (s.bits, s.kld_mean), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    line = rd_line(scores)
+    if line:
+        bits = [min(s.bits for s in scores), max(s.bits for s in scores)]
+        ax.plot(bits, [line(b) for b in bits], "--", color="gray", lw=1, label=" - ".join(LINE) + " line")
+        ax.legend(fontsize=7)
     ax.set_yscale("log")
     ax.set_xlabel("bits per value (K and V averaged)")
     ax.set_ylabel("mean KLD vs f16")
