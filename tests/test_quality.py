@@ -40,5 +40,5 @@ def test_rate_distortion_line_is_log_linear_through_q8_0_and_q4_0() -> None:
     s = [quality.Score("q8_0/q8_0", 8.5, 1, 1, 0.004, 0, 0), quality.Score("q4_0/q4_0", 4.5, 1, 1, 0.04, 0, 0)]
     line = quality.rd_line(s)
     assert line(8.5) == pytest.approx(0.004) and line(4.5) == pytest.approx(0.04)
-    assert line(6.5) == pytest.approx((0.004 * 0.04) ** 0.5) and line(2.5) == pytest.approx(0.4)
+    assert line(6.5) == pytest.approx((0.004 * 0.04) ** 0.5) and line(0.5) == pytest.approx(0.4)
     assert quality.rd_line(s[:1]) is None
