@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The quality report (results/quality, results/niah; README "Quality"): the exact commands.
+# Needs a finished `tqkv build`. Every result is cached per configuration (tqkv cache dir), so an
+# interrupted run resumes. Times on 2 cores: about 40 min for the SmolLM2 table, 30 min for the
+# Gemma one, 15-40 min per NIAH configuration and model.
+set -euo pipefail
+
+# paired PPL / KLD against f16 logits, ctx 2048 (SmolLM2: 4 chunks, every default configuration)
+tqkv ppl --model smollm2 --ctx 2048 --chunks 4
+tqkv ppl --model gemma3 --ctx 2048 --chunks 2 --configs q8_0/q8_0 q4_0/q4_0 tq4_0/tq4_0 \
+  tq4_0/tq4_0:nooff tq3_0/tq3_0 tq3_0/tq2_0 tq2_0/tq2_0 q8_0/tq3_0
+
+# needle in a haystack, paired with f16 (which every run includes first)
+tqkv niah --model gemma3 --configs tq3_0/tq2_0
+tqkv niah --model smollm2 --configs tq3_0/tq2_0 --lengths 1024 2048 4096 --depths 0 50 100 --seeds 2
