@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import assets, build, codebooks, demo, quality
+from . import assets, build, codebooks, demo, niah, quality
 
 
 def _build(a: argparse.Namespace) -> None:
@@ -32,6 +32,11 @@ def _demo(a: argparse.Namespace) -> None:
 def _ppl(a: argparse.Namespace) -> None:
     scores = quality.run(a.model, a.text, a.ctx, a.chunks, a.configs, a.out)
     print(quality.table(scores))
+
+
+def _niah(a: argparse.Namespace) -> None:
+    outcomes = niah.run(a.model, a.text, a.lengths, a.depths, a.seeds, a.configs, a.out, a.cache)
+    print(niah.summary(outcomes, f"{a.model}-{a.text}"))
 
 
 def _run_parser(sub: argparse._SubParsersAction, name: str, help: str, ctx: int, configs: list[str],
@@ -69,9 +74,20 @@ def main(argv: list[str] | None = None) -> int:
     d.set_defaults(fn=_demo)
 
     q = _run_parser(sub, "ppl", "perplexity / KL divergence of cache configurations against f16", ctx=2048,
-                    configs=list(quality.DEFAULT_CONFIGS), metavar="K/V[:norot]")
+                    configs=list(quality.DEFAULT_CONFIGS), metavar="K/V[:norot|:nooff]")
     q.add_argument("--out", type=Path, default=build.REPO / "results" / "quality")
     q.set_defaults(fn=_ppl)
+
+    n = sub.add_parser("niah", help="needle in a haystack: pass-key retrieval over context length and depth")
+    n.add_argument("--model", default="smollm2", choices=assets.MODELS)
+    n.add_argument("--text", default="alice29", choices=assets.TEXTS, help="the haystack")
+    n.add_argument("--lengths", type=int, nargs="+", default=list(niah.DEFAULT_LENGTHS), metavar="TOKENS")
+    n.add_argument("--depths", type=int, nargs="+", default=list(niah.DEFAULT_DEPTHS), metavar="PERCENT")
+    n.add_argument("--seeds", type=int, default=3, help="needles (pass keys) per grid point")
+    n.add_argument("--configs", nargs="+", default=list(niah.DEFAULT_CONFIGS), metavar="K/V[:norot|:nooff]")
+    n.add_argument("--out", type=Path, default=build.REPO / "results" / "niah")
+    n.add_argument("--cache", type=Path, help="per-point outcomes (default: the tqkv cache dir's niah/)")
+    n.set_defaults(fn=_niah)
 
     a = p.parse_args(argv)
     try:

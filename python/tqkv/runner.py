@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,20 +78,28 @@ def free_port() -> int:
 class Server:
     """llama-server on a free local port; a context manager that stops it and keeps its log."""
 
-    def __init__(self, model: Path, args: list[str], ctx: int = 2048, startup_s: float = 120.0):
+    def __init__(self, model: Path, args: list[str], ctx: int = 2048, startup_s: float = 120.0,
+                 env: dict[str, str] | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.cmd = [str(tool("llama-server")), "-m", str(model), "--host", "127.0.0.1",
                     "--port", str(self.port), "-c", str(ctx), *args]
         self.startup_s = startup_s
+        self.env = {**os.environ, **(env or {})}
         self.log = ""
 
     def __enter__(self) -> "Server":
-        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     env=self.env)
+        # drained as it comes: over many requests the log outgrows the pipe, and the server would block on it
+        self._lines: list[str] = []
+        self._reader = threading.Thread(target=self._lines.extend, args=(self.proc.stdout,), daemon=True)
+        self._reader.start()
         deadline = time.monotonic() + self.startup_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                self.log = self.proc.stdout.read()
+                self._reader.join()
+                self.log = "".join(self._lines)
                 raise RuntimeError(f"llama-server exited with {self.proc.returncode}:\n{self.log[-3000:]}")
             try:
                 if requests.get(self.url + "/health", timeout=1).status_code == 200:
@@ -103,11 +113,12 @@ class Server:
     def __exit__(self, *exc: object) -> None:
         self.proc.terminate()
         try:
-            out, _ = self.proc.communicate(timeout=30)
+            self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            out, _ = self.proc.communicate()
-        self.log += out or ""
+            self.proc.wait()
+        self._reader.join()
+        self.log = "".join(self._lines)
 
     def chat(self, prompt: str, max_tokens: int = 48) -> str:
         r = requests.post(self.url + "/v1/chat/completions", timeout=300, json={
