@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     n.add_argument("--text", default="alice29", choices=assets.TEXTS, help="the haystack")
     n.add_argument("--lengths", type=int, nargs="+", default=list(niah.DEFAULT_LENGTHS), metavar="TOKENS")
     n.add_argument("--depths", type=int, nargs="+", default=list(niah.DEFAULT_DEPTHS), metavar="PERCENT")
-    n.add_argument("--seeds", type=int, default=3, help="needles (pass keys) per grid point")
+    n.add_argument("--seeds", type=int, default=3, help="needles (passwords) per grid point")
     n.add_argument("--configs", nargs="+", default=list(niah.DEFAULT_CONFIGS), metavar="K/V[:norot|:nooff]")
     n.add_argument("--out", type=Path, default=build.REPO / "results" / "niah")
     n.add_argument("--cache", type=Path, help="per-point outcomes (default: the tqkv cache dir's niah/)")

@@ -15,13 +15,15 @@ chat template) and completed greedily for N_PREDICT tokens:
 A point passes when the answer contains the five digits. Each seed has its own password; all prompts share
 the haystack, so every configuration sees exactly the prompts f16 sees.
 
-Chosen by measuring f16 on both models (alice29; the exact grids are in the report of the change):
-- no opening instruction: SmolLM2 continued the story (3/12 at 1024-4096 tokens);
-- "pass key" instead of "password": alice29 has a "little golden key" in its first chapter, and SmolLM2
-  answered with it at 2048-4096 tokens, middle depths (1 of 9 at 4096, 25-75%); Gemma, asked
-  "What is the pass key? The pass key is", missed every needle at 100% depth ("a secret code that allows
-  you to"), with or without its chat template;
-- this prompt: FILL
+Chosen by measuring f16 on both models (haystack alice29; seeds 0-2 unless fewer are given):
+- without the opening instruction SmolLM2 continued the story: 3/12 (1024 and 4096 tokens, depths 0/50/100%,
+  2 seeds);
+- with "pass key" for "password", alice29's "little golden key" (chapter 1) is a distractor: SmolLM2 answered
+  "the little golden key" at 2048-4096 tokens, depths 25-75% (33/40 of the default grid before it was
+  stopped); Gemma, asked "What is the pass key? The pass key is", missed the needle at 100% depth, right
+  before the question, at every length ("a secret code that allows you to"), chat template or not;
+- this prompt, default grid: Gemma 60/60; SmolLM2 57/60 (8192 clamped to 8184), all three misses at 8184
+  tokens and 0% depth. Neither model's chat template helped.
 """
 
 from __future__ import annotations
