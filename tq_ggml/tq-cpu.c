@@ -30,7 +30,7 @@ void quantize_row_turbo4_0(const float * GGML_RESTRICT x, void * GGML_RESTRICT y
     quantize_row_turbo4_0_ref(x, (block_turbo4_0 *) y, k);
 }
 
-// dot of one block's centroids with 64 floats of y (the caller scales by the block norm)
+// dot of one block's centroids with 64 floats of y (the caller multiplies by the block scale d)
 static inline float tq_block_dot(const uint8_t * GGML_RESTRICT qs, const float * GGML_RESTRICT y,
                                  int bits, const float * centroids) {
 #if defined(TQ_AVX2)

@@ -8,8 +8,6 @@
 // the stored differences small.
 #include "ggml.h"
 
-#include "tq-quants.h"
-
 // k_cur [n_embd_head, n_head_kv, n_tokens], k_off F32 [n_embd_head, n_head_kv]
 struct ggml_tensor * ggml_turbo_k_offset_sub(struct ggml_context * ctx, struct ggml_tensor * k_cur,
                                              struct ggml_tensor * k_off, bool init) {

@@ -12,9 +12,9 @@
 
 static_assert(TQ_CODEBOOK_DIM == QK_TQ, "codebooks must be solved for the block dimension");
 
-// largest finite fp16: a larger finite norm is clamped to it; NaN and inf (from NaN/inf inputs)
+// largest finite fp16: a larger finite scale is clamped to it; NaN and inf (from NaN/inf inputs)
 // are stored as they are, so ggml_validate_row_data flags the row
-#define TQ_NORM_MAX 65504.0f
+#define TQ_D_MAX 65504.0f
 
 static inline void tq_store_group(uint8_t * p, uint32_t w, int bits) {
     for (int j = 0; j < bits; ++j) {
@@ -42,12 +42,12 @@ static inline void tq_block_indices(const float * GGML_RESTRICT x, float s, int 
 }
 
 // One block. The paper encodes with the block norm (d = ||x||). The codebook is solved for the
-// average block, so the encoder tries TQ_SCALE_STEPS scales (28..52)/40 * ||x|| for the decision
-// boundaries and keeps the index set whose least-squares scale d = <x,c>/<c,c> leaves the
-// smallest error ||x||^2 - <x,c>^2/<c,c>; d is stored. A later candidate must beat the best by
-// a relative TQ_SCALE_TIE, far above the rounding of the float64 sums, so that exact ties (a
-// constant block gains the same at every scale) resolve to the first one on every backend. The decoder is the
-// paper's: y_i = d * centroid[idx_i]. Sums in double, so every backend rounds the same values.
+// average block, so the encoder tries TQ_SCALE_STEPS scales (28..52)/40 * ||x|| (the paper's is
+// one of them) for the decision boundaries and keeps the index set whose least-squares scale
+// d = <x,c>/<c,c> leaves the smallest error ||x||^2 - <x,c>^2/<c,c>; d is stored. A later
+// candidate must beat the best by a relative TQ_SCALE_TIE, far above the rounding of the float64
+// sums, so exact ties (a constant block gains the same at every scale) resolve to the first one
+// on every backend. The decoder is the paper's: y_i = d * centroid[idx_i].
 static inline void tq_quantize_block(const float * GGML_RESTRICT x, ggml_half * d, uint8_t * GGML_RESTRICT qs,
                               int bits, const float * boundaries, const float * centroids) {
     double sumsq = 0.0;
@@ -60,9 +60,10 @@ static inline void tq_quantize_block(const float * GGML_RESTRICT x, ggml_half * 
     uint8_t best[QK_TQ];
     float   scale = norm;
 
-    // zero, inf and NaN norms: the paper's encoding (inf/NaN are kept for row validation)
-    tq_block_indices(x, norm, bits, boundaries, best);
-    if (norm > 0.0f && isfinite(norm)) {
+    if (!(norm > 0.0f && isfinite(norm))) {
+        // zero, inf and NaN norms: the paper's encoding (inf/NaN are kept for row validation)
+        tq_block_indices(x, norm, bits, boundaries, best);
+    } else {
         double best_gain = -1.0;
         for (int s = 0; s < TQ_SCALE_STEPS; ++s) {
             tq_block_indices(x, norm * ((float) (TQ_SCALE_MIN + s) / TQ_SCALE_DIV), bits, boundaries, idx);
@@ -90,7 +91,7 @@ static inline void tq_quantize_block(const float * GGML_RESTRICT x, ggml_half * 
         tq_store_group(qs + bits*g, w, bits);
     }
 
-    *d = GGML_FP32_TO_FP16(scale > TQ_NORM_MAX && !isinf(scale) ? TQ_NORM_MAX : scale);
+    *d = GGML_FP32_TO_FP16(scale > TQ_D_MAX && !isinf(scale) ? TQ_D_MAX : scale);
 }
 
 static inline void tq_dequantize_block(ggml_half d16, const uint8_t * GGML_RESTRICT qs, float * GGML_RESTRICT y,
@@ -110,7 +111,7 @@ static inline void tq_dequantize_block(ggml_half d16, const uint8_t * GGML_RESTR
 void quantize_row_turbo##BITS##_0_ref(const float * GGML_RESTRICT x, block_turbo##BITS##_0 * GGML_RESTRICT y, int64_t k) { \
     assert(k % QK_TQ == 0);                                                                                \
     for (int64_t i = 0; i < k/QK_TQ; ++i) {                                                                \
-        tq_quantize_block(x + i*QK_TQ, &y[i].d, y[i].qs, BITS, tq_boundaries_##BITS, tq_centroids_##BITS);                      \
+        tq_quantize_block(x + i*QK_TQ, &y[i].d, y[i].qs, BITS, tq_boundaries_##BITS, tq_centroids_##BITS); \
     }                                                                                                      \
 }                                                                                                          \
 void dequantize_row_turbo##BITS##_0(const block_turbo##BITS##_0 * GGML_RESTRICT x, float * GGML_RESTRICT y, int64_t k) { \

@@ -72,10 +72,6 @@ class Config:
         return FLAGS.get(self.flag, {})
 
     @property
-    def norot(self) -> bool:
-        return self.flag == "norot"
-
-    @property
     def bits(self) -> float:
         return (cache_type(self.k).bits_per_value + cache_type(self.v).bits_per_value) / 2
 
