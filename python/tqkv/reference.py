@@ -117,3 +117,147 @@ def dequantize(data: torch.Tensor, bits: int) -> torch.Tensor:
     centroids, _ = codebook(bits)
     d, idx = unpack(data, bits)
     return (d[:, None] * centroids[idx]).reshape(-1)
+
+
+
+# --- the stock cache types a TQ cache is mixed with, encoded and decoded as ggml does ---
+
+QK8_0 = 32
+ROW_TYPES = ("f16", "q8_0", "tq2_0", "tq3_0", "tq4_0")
+
+
+def _roundf(x: torch.Tensor) -> torch.Tensor:
+    """C roundf: halves away from zero (torch.round rounds them to even)."""
+    t = x.trunc()
+    return t + torch.where((x - t).abs() >= 0.5, x.sign(), torch.zeros_like(x))
+
+
+def _q8_0_quantize(x: torch.Tensor) -> torch.Tensor:
+    """ggml's quantize_row_q8_0_ref: per 32 values d = amax/127 (stored fp16), q = roundf(x/d)."""
+    blocks = torch.as_tensor(x, dtype=torch.float32).reshape(-1, QK8_0)
+    d = blocks.abs().amax(-1) / 127
+    inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
+    q = _roundf(blocks * inv[:, None]).to(torch.int8)
+    return torch.cat([d.half().view(torch.uint8).reshape(-1, 2), q.view(torch.uint8)], 1).reshape(-1)
+
+
+def _q8_0_dequantize(data: torch.Tensor) -> torch.Tensor:
+    blocks = torch.as_tensor(data, dtype=torch.uint8).reshape(-1, 2 + QK8_0)
+    d = blocks[:, :2].contiguous().view(torch.float16).float()
+    return (d * blocks[:, 2:].contiguous().view(torch.int8).float()).reshape(-1)
+
+
+def _tq_bits(type_name: str) -> int:
+    return int(type_name[2])
+
+
+def encode(x: torch.Tensor, type_name: str) -> torch.Tensor:
+    """Float rows -> the bytes a cache of type_name holds (flat uint8)."""
+    if type_name == "f16":
+        return torch.as_tensor(x, dtype=torch.float32).half().reshape(-1).view(torch.uint8)
+    if type_name == "q8_0":
+        return _q8_0_quantize(x)
+    if type_name in ROW_TYPES:
+        return quantize(x, _tq_bits(type_name))
+    raise ValueError(f"no reference for cache type {type_name!r}; known: {', '.join(ROW_TYPES)}")
+
+
+def decode(data: torch.Tensor, type_name: str) -> torch.Tensor:
+    """Bytes of a cache of type_name -> float32 values (flat), as ggml's to_float."""
+    if type_name == "f16":
+        return torch.as_tensor(data, dtype=torch.uint8).view(torch.float16).float()
+    if type_name == "q8_0":
+        return _q8_0_dequantize(data)
+    if type_name in ROW_TYPES:
+        return dequantize(data, _tq_bits(type_name))
+    raise ValueError(f"no reference for cache type {type_name!r}; known: {', '.join(ROW_TYPES)}")
+
+
+# --- attention over a compressed cache ---
+#
+# llama.cpp (src/llama-graph.cpp, build_attn) with a quantized cache multiplies Q and K by an
+# orthonormal Hadamard matrix H_k (blocks of k_rotation_size(head_dim) values) and V by H_64,
+# stores K and V, runs FLASH_ATTN_EXT on the rotated Q and the stored K/V and multiplies the output
+# by H_64 again (H = H^T = H^-1). Q.K is unchanged by the rotation; the output is un-rotated exactly.
+# A TQ K cache also stores K - c for a per-(KV head, channel) offset c (patches/0006): every logit
+# of a query moves by the same q.c, which softmax ignores.
+
+
+def hadamard(n: int) -> torch.Tensor:
+    """Orthonormal Sylvester-Hadamard matrix (float64), the one llama.cpp's ggml_gen_hadamard builds."""
+    if n < 1 or n & (n - 1):
+        raise ValueError(f"Hadamard size {n} is not a power of two")
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h / n**0.5
+
+
+def k_rotation_size(head_dim: int) -> int:
+    """llama.cpp rotates K in blocks of the largest power of two (at least 64) dividing head_dim."""
+    if head_dim % 64:
+        raise ValueError(f"head_dim {head_dim} is not a multiple of 64: llama.cpp does not rotate it")
+    n = 64
+    while head_dim % (2 * n) == 0:
+        n *= 2
+    return n
+
+
+V_ROTATION_SIZE = 64
+
+
+def rotate(x: torch.Tensor, n: int) -> torch.Tensor:
+    """Multiply every block of n consecutive values of the last dimension by H_n."""
+    shape = x.shape
+    return (x.double().reshape(-1, n) @ hadamard(n)).reshape(shape)
+
+
+def flash_attn_ext(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                   mask: torch.Tensor | None = None, softcap: float = 0.0) -> torch.Tensor:
+    """What ggml's FLASH_ATTN_EXT computes, in float64.
+
+    q [n_q, n_head, D], k [n_kv, n_head_kv, D], v [n_kv, n_head_kv, Dv]; query head h reads KV head
+    h // (n_head / n_head_kv) (GQA); mask [n_q, n_kv] is added to the scaled (soft-capped) logits
+    (-inf hides a position). Returns [n_q, n_head, Dv]. A row that sees no position gives zeros.
+    """
+    n_head, n_head_kv = q.shape[1], k.shape[1]
+    if n_head % n_head_kv:
+        raise ValueError(f"{n_head} query heads do not group over {n_head_kv} KV heads")
+    group = n_head // n_head_kv
+    k = k.double().repeat_interleave(group, dim=1)
+    v = v.double().repeat_interleave(group, dim=1)
+    s = torch.einsum("qhd,khd->hqk", q.double(), k) * scale
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    if mask is not None:
+        s = s + mask.double()[None]
+    m = s.amax(-1, keepdim=True)
+    p = torch.where(s == -torch.inf, 0.0, torch.exp(s - torch.where(m == -torch.inf, 0.0, m)))
+    denom = p.sum(-1, keepdim=True)
+    o = torch.einsum("hqk,khd->qhd", p / torch.where(denom > 0, denom, 1.0), v)
+    return o
+
+
+def store(x: torch.Tensor, type_name: str) -> torch.Tensor:
+    """What attention reads back from a cache of type_name that stored rows x ([..., D])."""
+    return decode(encode(x, type_name), type_name).reshape(x.shape)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, type_k: str, type_v: str, scale: float,
+              mask: torch.Tensor | None = None, k_offset: torch.Tensor | None = None) -> torch.Tensor:
+    """One llama.cpp attention layer over a cache of type_k/type_v (shapes as flash_attn_ext).
+
+    Rotation as llama.cpp applies it for quantized caches (see above); k_offset [n_head_kv, D]
+    (rotated space) is subtracted before K is stored, as a TQ K cache does. Returns float64.
+    """
+    rot_k = type_k != "f16"
+    rot_v = type_v != "f16"
+    if rot_k:
+        n = k_rotation_size(q.shape[-1])
+        q, k = rotate(q, n), rotate(k, n)
+    if k_offset is not None:
+        k = k.double() - k_offset.double()[None]
+    if rot_v:
+        v = rotate(v, V_ROTATION_SIZE)
+    o = flash_attn_ext(q.float(), store(k.float(), type_k), store(v.float(), type_v), scale, mask)
+    return rotate(o, V_ROTATION_SIZE) if rot_v else o
