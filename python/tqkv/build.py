@@ -216,5 +216,5 @@ def bin_dir(cuda: bool = False) -> Path:
     """The folder of a finished build, or a clear error saying how to make one."""
     d = Layout().bin_dir(cuda)
     if not (d / "llama-server").exists():
-        raise FileNotFoundError(f"{d}/llama-server not found: run `tqkv build` first")
+        raise FileNotFoundError(f"{d}/llama-server not found: run `tqkv build{' --cuda' if cuda else ''}` first")
     return d

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import assets, build, codebooks, demo, niah, quality
+from . import assets, build, codebooks, demo, niah, parity, quality
 
 
 def _build(a: argparse.Namespace) -> None:
@@ -37,6 +37,19 @@ def _ppl(a: argparse.Namespace) -> None:
 def _niah(a: argparse.Namespace) -> None:
     outcomes = niah.run(a.model, a.text, a.lengths, a.depths, a.seeds, a.configs, a.out, a.cache)
     print(niah.summary(outcomes, f"{a.model}-{a.text}"))
+
+
+def _parity(a: argparse.Namespace) -> None:
+    cuda = any(b.startswith("CUDA") for b in a.backends)
+    checks = parity.run(build.bin_dir(cuda), a.backends, real=not a.no_real, n_threads=a.threads)
+    text = parity.report(checks)
+    print(text)
+    if a.out:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(text + "\n")
+        print(f"wrote {a.out}")
+    if any(c.status == "FAIL" for c in checks):
+        raise RuntimeError("parity checks failed (marked FAIL above)")
 
 
 def _run_parser(sub: argparse._SubParsersAction, name: str, help: str, ctx: int, configs: list[str],
@@ -88,6 +101,14 @@ def main(argv: list[str] | None = None) -> int:
     n.add_argument("--out", type=Path, default=build.REPO / "results" / "niah")
     n.add_argument("--cache", type=Path, help="per-point outcomes (default: the tqkv cache dir's niah/)")
     n.set_defaults(fn=_niah)
+
+    r = sub.add_parser("parity", help="the PyTorch reference against ggml backends: bytes, values, attention")
+    r.add_argument("--backends", nargs="+", default=["CPU"], metavar="NAME",
+                   help="ggml backends (CPU, CUDA0, ...; CUDA needs `tqkv build --cuda`)")
+    r.add_argument("--no-real", action="store_true", help="skip the K/V rows captured from the models")
+    r.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+    r.add_argument("--out", type=Path, help="also write the report (markdown) here")
+    r.set_defaults(fn=_parity)
 
     a = p.parse_args(argv)
     try:

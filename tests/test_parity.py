@@ -1,0 +1,88 @@
+"""The parity suite (tqkv parity) on the CPU backend: the reference and ggml agree on every check."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tqkv import parity, reference
+from tqkv.ggml_lib import Backend
+
+
+@pytest.fixture(scope="module")
+def cpu(bin_dir: Path):
+    be = Backend(bin_dir, "CPU")
+    yield be
+    be.close()
+
+
+@pytest.fixture(scope="module")
+def real() -> list[parity.RealLayer]:
+    return parity.real_layers(n_tokens=128)
+
+
+def test_reference_attention_is_softmax_attention() -> None:
+    # the specification itself, against torch's own attention: GQA, a causal mask, a row that sees nothing
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(4, 6, 64, generator=g), torch.randn(9, 2, 64, generator=g), torch.randn(9, 2, 64, generator=g)
+    mask = torch.triu(torch.full((4, 9), -torch.inf), diagonal=6)
+    want = F.scaled_dot_product_attention(q.double().transpose(0, 1), k.double().repeat_interleave(3, 1).transpose(0, 1),
+                                          v.double().repeat_interleave(3, 1).transpose(0, 1), attn_mask=mask.double(),
+                                          scale=0.3).transpose(0, 1)
+    torch.testing.assert_close(reference.flash_attn_ext(q, k, v, 0.3, mask), want)
+    assert reference.flash_attn_ext(q, k, v, 0.3, torch.full((4, 9), -torch.inf)).abs().max() == 0
+
+
+def test_rotation_is_llamas_and_exact() -> None:
+    h = reference.hadamard(64)
+    torch.testing.assert_close(h @ h, torch.eye(64, dtype=torch.float64))
+    assert reference.k_rotation_size(64) == 64 and reference.k_rotation_size(192) == 64
+    assert reference.k_rotation_size(256) == 256
+    # with an f16-exact cache, the rotated path equals plain attention: the rotation is undone exactly
+    g = torch.Generator().manual_seed(1)
+    q, k, v = torch.randn(2, 4, 128, generator=g), torch.randn(16, 2, 128, generator=g), torch.randn(16, 2, 128, generator=g)
+    plain = reference.flash_attn_ext(q, k, v, 0.1)
+    rotated = reference.attention(q, k, v, "q8_0", "q8_0", 0.1)  # rotates both (quantized types)
+    assert (rotated - plain).abs().max() < 0.05 * plain.abs().max()  # q8_0 noise only
+    offset = reference.attention(q, k, v, "q8_0", "q8_0", 0.1, k_offset=k.mean(0) * 3)
+    assert (offset - plain).abs().max() < 0.05 * plain.abs().max()  # a K offset leaves softmax unchanged
+
+
+def test_quantize_and_dequantize_paths(cpu: Backend, real: list[parity.RealLayer]) -> None:
+    assert {r.model for r in real} == {"smollm2", "gemma3"}
+    checks = parity.quantize_checks(cpu, real)
+    assert {c.op for c in checks} == {"SET_ROWS", "CPY f32->", "quantize_row_ref", "quantize_chunk", "GET_ROWS",
+                                      "CPY ->f32"}
+    failed = [c for c in checks if c.status != "pass"]
+    assert not failed, parity.report(failed)
+    assert sum(c.total_bytes for c in checks) > 1_000_000
+
+
+def test_flash_attn_ext(cpu: Backend, real: list[parity.RealLayer]) -> None:
+    checks = parity.flash_attn_checks(cpu, real)
+    assert len({c.types for c in checks}) == len(parity.PAIRS) == 21
+    failed = [c for c in checks if c.status != "pass"]
+    assert not failed, parity.report(failed)
+
+
+def test_a_wrong_byte_or_value_fails(cpu: Backend) -> None:
+    # the harness can fail: one flipped index bit, and attention over the wrong value type
+    c = parity.Check("CPU", "SET_ROWS", "tq3_0", "test")
+    x = np.random.default_rng(0).standard_normal((4, 64)).astype(np.float32)
+    got = cpu.set_rows(44, x)
+    got[7] ^= 1
+    ref = reference.quantize(torch.from_numpy(x), 3).numpy()
+    c.add(0.0, int((got != ref).sum()), ref.size)
+    assert c.status == "FAIL" and c.bad_bytes == 1
+    g = torch.Generator().manual_seed(2)
+    q, k, v = torch.randn(1, 4, 64, generator=g), torch.randn(64, 2, 64, generator=g), torch.randn(64, 2, 64, generator=g)
+    c = parity.Check("CPU", "FLASH_ATTN_EXT", "tq3_0/tq3_0", "test", tol=parity.TOL_F32)
+    kb, vb = reference.encode(k, "tq3_0"), reference.encode(v, "tq3_0")
+    out = cpu.flash_attn_ext(q.numpy(), kb.numpy(), vb.numpy(), 44, 44, 64, 2, 0.125)
+    wrong = reference.flash_attn_ext(q, reference.decode(kb, "tq3_0").reshape(k.shape), v, 0.125)  # V not quantized
+    c.add(float((torch.from_numpy(out).double() - wrong).abs().max() / v.abs().max()))
+    assert c.status == "FAIL"
