@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import assets, build, codebooks, demo, niah, parity, quality
+from . import assets, build, codebooks, demo, niah, paper, parity, quality
 
 
 def _build(a: argparse.Namespace) -> None:
@@ -50,6 +50,10 @@ def _parity(a: argparse.Namespace) -> None:
         print(f"wrote {a.out}")
     if any(c.status == "FAIL" for c in checks):
         raise RuntimeError("parity checks failed (marked FAIL above)")
+
+
+def _paper(a: argparse.Namespace) -> None:
+    paper.main()
 
 
 def _run_parser(sub: argparse._SubParsersAction, name: str, help: str, ctx: int, configs: list[str],
@@ -109,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     r.add_argument("--out", type=Path, help="also write the report (markdown) here")
     r.set_defaults(fn=_parity)
+
+    pc = sub.add_parser("paper", help="the paper's distortion bounds, codebooks and prod-vs-mse, checked (markdown)")
+    pc.set_defaults(fn=_paper)
 
     a = p.parse_args(argv)
     try:
