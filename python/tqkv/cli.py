@@ -41,7 +41,8 @@ def _niah(a: argparse.Namespace) -> None:
 
 def _parity(a: argparse.Namespace) -> None:
     cuda = any(b.startswith("CUDA") for b in a.backends)
-    checks = parity.run(build.bin_dir(cuda), a.backends, real=not a.no_real, n_threads=a.threads)
+    bin_dir = build.bin_dir(cuda) if a.backends else None
+    checks = parity.run(bin_dir, a.backends, real=not a.no_real, n_threads=a.threads, triton=a.triton)
     text = parity.report(checks)
     print(text)
     if a.out:
@@ -107,8 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     n.set_defaults(fn=_niah)
 
     r = sub.add_parser("parity", help="the PyTorch reference against ggml backends: bytes, values, attention")
-    r.add_argument("--backends", nargs="+", default=["CPU"], metavar="NAME",
-                   help="ggml backends (CPU, CUDA0, ...; CUDA needs `tqkv build --cuda`)")
+    r.add_argument("--backends", nargs="*", default=["CPU"], metavar="NAME",
+                   help="ggml backends (CPU, CUDA0, ...; CUDA needs `tqkv build --cuda`); none: Triton only")
+    r.add_argument("--triton", action="store_true",
+                   help="also the Triton kernels (natively on a GPU, else under TRITON_INTERPRET=1: slow)")
     r.add_argument("--no-real", action="store_true", help="skip the K/V rows captured from the models")
     r.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     r.add_argument("--out", type=Path, help="also write the report (markdown) here")

@@ -218,9 +218,54 @@ def flash_attn_checks(be: Backend, real: list[RealLayer]) -> list[Check]:
     return checks
 
 
-def run(bin_dir: Path, backends: list[str], real: bool = True, n_threads: int | None = None) -> list[Check]:
-    layers = real_layers() if real else []
+def triton_checks(real: list[RealLayer]) -> list[Check]:
+    """The Triton kernels (natively on a GPU, else under TRITON_INTERPRET=1): bytes of every row set,
+    and decode attention (the last query of each case) over the packed cache for every type pair."""
+    from . import triton_kernels as tk
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    name = f"Triton ({torch.cuda.get_device_name() if dev == 'cuda' else 'interpreter'})"
     checks = []
+    for t in TQ_TYPES:
+        for d in (64, 128, 256):
+            sets = list(_row_sets(real, d))
+            c = Check(name, "quantize", t, f"{d} x {len(sets)} sets")
+            for _, x in sets:
+                got = tk.quantize(torch.from_numpy(x).to(dev), t).cpu().reshape(-1).numpy()
+                ref = reference.quantize(torch.from_numpy(x), int(t[2])).numpy()
+                c.add(0.0, int((got != ref).sum()), ref.size)
+            checks.append(c)
+    g = torch.Generator().manual_seed(4)
+    for k_type, v_type in PAIRS:
+        random_cases = [("random", torch.randn(1, n_head, d, generator=g), torch.randn(n_kv, n_head_kv, d, generator=g) * 2,
+                         torch.randn(n_kv, n_head_kv, d, generator=g), d**-0.5, None)
+                        for d in (64, 128, 256) for n_head, n_head_kv, n_kv in ((8, 2, 300), (4, 1, 1000))]
+        real_cases = [("real", r.q[-1:], r.k, r.v, r.scale, r.mask[-1]) for r in real]
+        for group, cases, shape in (("random", random_cases, "D64/128/256, GQA 4:1, n_kv 300/1000"),
+                                    ("real", real_cases, f"{len(real)} real layers (last query)")):
+            if not cases:
+                continue
+            c = Check(name, "decode attention", f"{k_type}/{v_type}", shape, tol=TOL_F32)
+            for _, q, k, v, scale, mask in cases:
+                kb, vb = reference.encode(k, k_type), reference.encode(v, v_type)
+                kd, vd = reference.decode(kb, k_type).reshape(k.shape), reference.decode(vb, v_type).reshape(v.shape)
+                n_kv, n_head_kv = k.shape[:2]
+                got = tk.decode_attention(q[0].to(dev), kb.view(n_kv, n_head_kv, -1).to(dev),
+                                          vb.view(n_kv, n_head_kv, -1).to(dev), k_type, v_type, scale,
+                                          None if mask is None else mask.to(dev)).cpu()
+                ref = reference.flash_attn_ext(q, kd, vd, scale, None if mask is None else mask[None])[0]
+                c.add(float((got.double() - ref).abs().max() / vd.abs().max().clamp(min=1e-30)))
+            checks.append(c)
+    return checks
+
+
+def run(bin_dir: Path | None, backends: list[str], real: bool = True, n_threads: int | None = None,
+        triton: bool = False) -> list[Check]:
+    """The suite on each named ggml backend (bin_dir: a build holding them) and on the Triton kernels."""
+    layers = real_layers() if real else []
+    checks = triton_checks(layers) if triton else []
+    if backends and bin_dir is None:
+        raise ValueError("ggml backends need the build folder that holds them")
     for name in backends:
         be = Backend(bin_dir, name, n_threads)
         try:
