@@ -42,7 +42,8 @@ def _niah(a: argparse.Namespace) -> None:
 def _parity(a: argparse.Namespace) -> None:
     cuda = any(b.startswith("CUDA") for b in a.backends)
     bin_dir = build.bin_dir(cuda) if a.backends else None
-    checks = parity.run(bin_dir, a.backends, real=not a.no_real, n_threads=a.threads, triton=a.triton)
+    checks = parity.run(bin_dir, a.backends, real=not a.no_real, n_threads=a.threads, triton=a.triton,
+                         real_cache=a.real_cache)
     text = parity.report(checks)
     print(text)
     if a.out:
@@ -113,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--triton", action="store_true",
                    help="also the Triton kernels (natively on a GPU, else under TRITON_INTERPRET=1: slow)")
     r.add_argument("--no-real", action="store_true", help="skip the K/V rows captured from the models")
+    r.add_argument("--real-cache", type=Path,
+                   help="keep the captured rows in this file and reuse it (for a machine without the models)")
     r.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     r.add_argument("--out", type=Path, help="also write the report (markdown) here")
     r.set_defaults(fn=_parity)

@@ -148,8 +148,11 @@ def _render_json(tables: dict[int, dict[str, object]]) -> bytes:
     return (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode()
 
 
-def _c_array(name: str, values: list[float]) -> str:
-    return f"static const float {name}[{len(values)}] = {{ {', '.join(_c_float(v) for v in values)} }};"
+def _c_array(name: str, values: list[float]) -> list[str]:
+    # the initializer is also a macro, so CUDA code can fill __constant__ tables from it
+    macro = name.upper()
+    return [f"#define {macro} {{ {', '.join(_c_float(v) for v in values)} }}",
+            f"static const float {name}[{len(values)}] = {macro};"]
 
 
 def _render_header(tables: dict[int, dict[str, object]]) -> bytes:
@@ -163,8 +166,8 @@ def _render_header(tables: dict[int, dict[str, object]]) -> bytes:
         "",
     ]
     for bits, table in tables.items():
-        lines.append(_c_array(f"tq_centroids_{bits}", table["centroids"]))
-        lines.append(_c_array(f"tq_boundaries_{bits}", table["boundaries"]))
+        lines += _c_array(f"tq_centroids_{bits}", table["centroids"])
+        lines += _c_array(f"tq_boundaries_{bits}", table["boundaries"])
     return ("\n".join(lines) + "\n").encode()
 
 

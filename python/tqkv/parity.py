@@ -259,10 +259,22 @@ def triton_checks(real: list[RealLayer]) -> list[Check]:
     return checks
 
 
+def cached_real_layers(path: Path | None) -> list[RealLayer]:
+    """real_layers(), kept in path when given: a machine without the models (the GPU machine) reuses
+    the rows captured elsewhere."""
+    if path is not None and path.is_file():
+        return [RealLayer(**d) for d in torch.load(path)]
+    layers = real_layers()
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save([vars(r) for r in layers], path)
+    return layers
+
+
 def run(bin_dir: Path | None, backends: list[str], real: bool = True, n_threads: int | None = None,
-        triton: bool = False) -> list[Check]:
+        triton: bool = False, real_cache: Path | None = None) -> list[Check]:
     """The suite on each named ggml backend (bin_dir: a build holding them) and on the Triton kernels."""
-    layers = real_layers() if real else []
+    layers = cached_real_layers(real_cache) if real else []
     checks = triton_checks(layers) if triton else []
     if backends and bin_dir is None:
         raise ValueError("ggml backends need the build folder that holds them")

@@ -1,0 +1,37 @@
+"""The CUDA backend against the CPU and the reference (needs `tqkv build --cuda` and an NVIDIA GPU).
+
+Skipped on machines without both, CI among them; run on the GPU machine (README, "CUDA").
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+
+import pytest
+import torch
+
+from tqkv import build, parity
+
+from test_ggml_tests import CASES
+
+CUDA_BIN = build.Layout().bin_dir(cuda=True)
+
+pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and (CUDA_BIN / "test-backend-ops").exists()),
+                                reason="needs an NVIDIA GPU and `tqkv build --cuda`")
+
+
+@pytest.mark.parametrize("op", CASES)
+def test_backend_ops_cuda_vs_cpu(op: str) -> None:
+    r = subprocess.run([str(CUDA_BIN / "test-backend-ops"), "test", "-b", "CUDA0", "-o", op, "-p", "turbo"],
+                       capture_output=True, text=True, timeout=1200)
+    out = re.sub(r"\x1b\[[0-9;]*m", "", r.stdout + r.stderr)
+    assert r.returncode == 0, out[-4000:]
+    n = CASES[op]
+    assert f"{n}/{n} tests passed" in out, out[-4000:]
+    assert "not supported" not in out, out[-4000:]
+
+
+def test_parity_cuda() -> None:
+    checks = parity.run(CUDA_BIN, ["CUDA0"], real=False)
+    assert checks and all(c.status == "pass" for c in checks), parity.report(checks)

@@ -1,0 +1,284 @@
+// TurboQuant KV-cache types on CUDA: the encoder (SET_ROWS and CPY into the types) and CPY out of
+// them. One warp encodes one 64-value block, lane l holding values 2l and 2l+1, and runs the scale
+// search of tq-quants.c: float thresholds from correctly rounded products (__fmul_rn/__fdiv_rn, as
+// this file is built with fast math), float64 sums, the same tie rule. Only the order of the
+// float64 sums differs (a butterfly instead of a loop); the tie rule is 1e-9 relative, far above
+// that rounding, so the bytes match the CPU's.
+#include "tq-cuda.cuh"
+
+static __constant__ float tq_cuda_boundaries_2[3]  = TQ_BOUNDARIES_2;
+static __constant__ float tq_cuda_boundaries_3[7]  = TQ_BOUNDARIES_3;
+static __constant__ float tq_cuda_boundaries_4[15] = TQ_BOUNDARIES_4;
+
+#define TQ_D_MAX 65504.0f
+#define TQ_CUDA_WARPS_PER_BLOCK 4
+
+template <int bits>
+static __device__ __forceinline__ const float * tq_cuda_boundaries() {
+    return bits == 2 ? tq_cuda_boundaries_2 : bits == 3 ? tq_cuda_boundaries_3 : tq_cuda_boundaries_4;
+}
+
+static __device__ __forceinline__ double tq_cuda_warp_sum(double v) {
+#pragma unroll
+    for (int offset = WARP_SIZE/2; offset > 0; offset >>= 1) {
+        v += __shfl_xor_sync(0xFFFFFFFF, v, offset, WARP_SIZE);
+    }
+    return v; // a butterfly: every lane holds the same bits
+}
+
+// #(x > boundary_j * s), as tq_block_indices
+template <int bits>
+static __device__ __forceinline__ int tq_cuda_index(const float x, const float s) {
+    const float * bnd = tq_cuda_boundaries<bits>();
+    int k = 0;
+#pragma unroll
+    for (int j = 0; j < (1 << bits) - 1; ++j) {
+        k += x > __fmul_rn(bnd[j], s);
+    }
+    return k;
+}
+
+// fp32 -> fp16 bits as the CPU's F16C conversion: NaN keeps its sign and the top of its payload
+static __device__ __forceinline__ uint16_t tq_cuda_fp16_bits(const float f) {
+    if (isnan(f)) {
+        const uint32_t u = __float_as_uint(f);
+        return (uint16_t) (((u >> 16) & 0x8000) | 0x7E00 | ((u >> 13) & 0x3FF));
+    }
+    return __half_as_ushort(__float2half_rn(f));
+}
+
+// Called by all 32 lanes of a warp; lane l holds values 2l and 2l+1 of the block.
+template <int bits>
+static __device__ void tq_cuda_quantize_block_warp(const float x0, const float x1, typename tq_cuda_block<bits>::type * y) {
+    const float * cb = tq_cuda_centroids<bits>();
+    const int lane = threadIdx.x % WARP_SIZE;
+
+    const double sumsq = tq_cuda_warp_sum((double) x0*x0 + (double) x1*x1);
+    const float  norm  = (float) sqrt(sumsq);
+
+    int   k0;
+    int   k1;
+    float scale = norm;
+    if (!(norm > 0.0f && isfinite(norm))) {
+        // zero, inf and NaN norms: the paper's encoding (inf/NaN are kept for row validation)
+        k0 = tq_cuda_index<bits>(x0, norm);
+        k1 = tq_cuda_index<bits>(x1, norm);
+        // the CPU's float64 sum carries the block's first NaN (sign and payload) into d
+        const uint32_t nan_lanes = __ballot_sync(0xFFFFFFFF, isnan(x0) || isnan(x1));
+        if (nan_lanes) {
+            const float mine = isnan(x0) ? x0 : x1;
+            scale = __shfl_sync(0xFFFFFFFF, mine, __ffs(nan_lanes) - 1, WARP_SIZE);
+        }
+    } else {
+        double best_gain = -1.0;
+        k0 = 0;
+        k1 = 0;
+        for (int s = 0; s < TQ_SCALE_STEPS; ++s) {
+            const float sc = __fmul_rn(norm, __fdiv_rn((float) (TQ_SCALE_MIN + s), TQ_SCALE_DIV));
+            const int i0 = tq_cuda_index<bits>(x0, sc);
+            const int i1 = tq_cuda_index<bits>(x1, sc);
+            const double c0 = cb[i0];
+            const double c1 = cb[i1];
+            // products of two floats are exact in float64: only the order of the sums can differ
+            const double xc = tq_cuda_warp_sum((double) x0*c0 + (double) x1*c1);
+            const double cc = tq_cuda_warp_sum(c0*c0 + c1*c1);
+            const double gain = xc*xc/cc;
+            if (gain > best_gain*(1.0 + TQ_SCALE_TIE)) {
+                best_gain = gain;
+                scale     = (float) (xc/cc);
+                k0        = i0;
+                k1        = i1;
+            }
+        }
+    }
+
+    // group g (values 8g..8g+7) is lanes 4g..4g+3: assemble its bits-byte word across them
+    uint32_t w = (uint32_t) (k0 | (k1 << bits)) << (2*bits*(lane % 4));
+    w |= __shfl_xor_sync(0xFFFFFFFF, w, 1, WARP_SIZE);
+    w |= __shfl_xor_sync(0xFFFFFFFF, w, 2, WARP_SIZE);
+    if (lane % 4 == 0) {
+        uint8_t * p = y->qs + bits*(lane/4);
+#pragma unroll
+        for (int j = 0; j < bits; ++j) {
+            p[j] = (uint8_t) (w >> (8*j));
+        }
+    }
+    if (lane == 0) {
+        const float d = scale > TQ_D_MAX && !isinf(scale) ? TQ_D_MAX : scale;
+        y->d = __ushort_as_half(tq_cuda_fp16_bits(d));
+    }
+}
+
+template <typename src_t>
+static __device__ __forceinline__ float tq_cuda_to_float(const src_t v) {
+    return ggml_cuda_cast<float>(v);
+}
+
+// SET_ROWS: dst row src1[i01, i02 % ne11, i03 % ne12] of plane (i02, i03) gets src0 row (i01, i02, i03)
+template <int bits, typename src_t, typename idx_t>
+static __global__ void k_tq_set_rows(
+        const src_t * __restrict__ src0, const idx_t * __restrict__ src1, char * __restrict__ dst,
+        const int64_t nblocks, const int64_t nb_row, const int64_t ne01, const int64_t ne02,
+        const int64_t ne11, const int64_t ne12,
+        const int64_t s01, const int64_t s02, const int64_t s03,
+        const int64_t s10, const int64_t s11, const int64_t s12,
+        const size_t nb1, const size_t nb2, const size_t nb3) {
+    const int64_t ib = (int64_t) blockIdx.x*TQ_CUDA_WARPS_PER_BLOCK + threadIdx.y;
+    if (ib >= nblocks) {
+        return; // the whole warp
+    }
+    const int64_t ib0 = ib % nb_row;
+    int64_t       r   = ib / nb_row;
+    const int64_t i01 = r % ne01; r /= ne01;
+    const int64_t i02 = r % ne02;
+    const int64_t i03 = r / ne02;
+
+    ggml_cuda_pdl_sync();
+    const int64_t dst_row = src1[i01*s10 + (i02 % ne11)*s11 + (i03 % ne12)*s12];
+
+    const src_t * x = src0 + i01*s01 + i02*s02 + i03*s03 + ib0*QK_TQ + 2*threadIdx.x;
+    typename tq_cuda_block<bits>::type * y =
+        (typename tq_cuda_block<bits>::type *) (dst + dst_row*nb1 + i02*nb2 + i03*nb3) + ib0;
+
+    tq_cuda_quantize_block_warp<bits>(tq_cuda_to_float(x[0]), tq_cuda_to_float(x[1]), y);
+}
+
+template <int bits, typename src_t, typename idx_t>
+static void tq_set_rows_launch(const ggml_tensor * src0, const ggml_tensor * src1, ggml_tensor * dst, cudaStream_t stream) {
+    GGML_TENSOR_BINARY_OP_LOCALS
+    GGML_ASSERT(ne00 % QK_TQ == 0);
+    const int64_t nb_row  = ne00/QK_TQ;
+    const int64_t nblocks = nb_row*ne01*ne02*ne03;
+    if (nblocks == 0) {
+        return;
+    }
+    const dim3 block_dims(WARP_SIZE, TQ_CUDA_WARPS_PER_BLOCK, 1);
+    const dim3 grid_dims((nblocks + TQ_CUDA_WARPS_PER_BLOCK - 1)/TQ_CUDA_WARPS_PER_BLOCK, 1, 1);
+    k_tq_set_rows<bits, src_t, idx_t><<<grid_dims, block_dims, 0, stream>>>(
+        (const src_t *) src0->data, (const idx_t *) src1->data, (char *) dst->data,
+        nblocks, nb_row, ne01, ne02, ne11, ne12,
+        nb01/sizeof(src_t), nb02/sizeof(src_t), nb03/sizeof(src_t),
+        nb10/sizeof(idx_t), nb11/sizeof(idx_t), nb12/sizeof(idx_t),
+        nb1, nb2, nb3);
+    CUDA_CHECK(cudaGetLastError());
+}
+
+template <int bits>
+static void tq_set_rows_bits(const ggml_tensor * src0, const ggml_tensor * src1, ggml_tensor * dst, cudaStream_t stream) {
+    const bool i64 = src1->type == GGML_TYPE_I64;
+    if (src0->type == GGML_TYPE_F32) {
+        i64 ? tq_set_rows_launch<bits, float, int64_t>(src0, src1, dst, stream)
+            : tq_set_rows_launch<bits, float, int32_t>(src0, src1, dst, stream);
+    } else {
+        i64 ? tq_set_rows_launch<bits, half, int64_t>(src0, src1, dst, stream)
+            : tq_set_rows_launch<bits, half, int32_t>(src0, src1, dst, stream);
+    }
+}
+
+void ggml_cuda_tq_set_rows(ggml_backend_cuda_context & ctx, const ggml_tensor * src0, const ggml_tensor * src1, ggml_tensor * dst) {
+    GGML_ASSERT(src0->type == GGML_TYPE_F32 || src0->type == GGML_TYPE_F16);
+    GGML_ASSERT(src1->type == GGML_TYPE_I64 || src1->type == GGML_TYPE_I32);
+    cudaStream_t stream = ctx.stream();
+    switch (dst->type) {
+        case GGML_TYPE_TURBO2_0: tq_set_rows_bits<2>(src0, src1, dst, stream); break;
+        case GGML_TYPE_TURBO3_0: tq_set_rows_bits<3>(src0, src1, dst, stream); break;
+        case GGML_TYPE_TURBO4_0: tq_set_rows_bits<4>(src0, src1, dst, stream); break;
+        default: GGML_ABORT("%s: not a TurboQuant type: %s", __func__, ggml_type_name(dst->type));
+    }
+}
+
+// CPY in the logical element order of ggml_cpy: element e of src0 goes to element e of src1.
+struct tq_cpy_shape {
+    int64_t ne0, ne1, ne2;      // ne[3] follows from the element count
+    int64_t nb0, nb1, nb2, nb3; // bytes; for a TQ tensor nb0 is the block size
+};
+
+static __device__ __forceinline__ int64_t tq_cuda_offset(const tq_cpy_shape & s, const int64_t e, const bool blocked) {
+    const int64_t i3 = e/(s.ne0*s.ne1*s.ne2);
+    const int64_t i2 = (e - i3*s.ne0*s.ne1*s.ne2)/(s.ne0*s.ne1);
+    const int64_t i1 = (e - i3*s.ne0*s.ne1*s.ne2 - i2*s.ne0*s.ne1)/s.ne0;
+    const int64_t i0 = e - i3*s.ne0*s.ne1*s.ne2 - i2*s.ne0*s.ne1 - i1*s.ne0;
+    return (blocked ? i0/QK_TQ : i0)*s.nb0 + i1*s.nb1 + i2*s.nb2 + i3*s.nb3;
+}
+
+// float -> TQ: one warp per destination block (its 64 elements may be strided in the source)
+template <int bits, typename src_t>
+static __global__ void k_tq_cpy_to(const char * __restrict__ cx, char * __restrict__ cdst, const int64_t nblocks,
+                                   const tq_cpy_shape src, const tq_cpy_shape dst) {
+    const int64_t ib = (int64_t) blockIdx.x*TQ_CUDA_WARPS_PER_BLOCK + threadIdx.y;
+    if (ib >= nblocks) {
+        return;
+    }
+    const int64_t e = ib*QK_TQ + 2*threadIdx.x;
+    ggml_cuda_pdl_sync();
+    const float x0 = tq_cuda_to_float(*(const src_t *) (cx + tq_cuda_offset(src, e,     false)));
+    const float x1 = tq_cuda_to_float(*(const src_t *) (cx + tq_cuda_offset(src, e + 1, false)));
+    tq_cuda_quantize_block_warp<bits>(x0, x1,
+        (typename tq_cuda_block<bits>::type *) (cdst + tq_cuda_offset(dst, ib*QK_TQ, true)));
+}
+
+// TQ -> float: one thread per pair of values
+template <int bits, typename dst_t>
+static __global__ void k_tq_cpy_from(const char * __restrict__ cx, char * __restrict__ cdst, const int64_t ne,
+                                     const tq_cpy_shape src, const tq_cpy_shape dst) {
+    const int64_t e = 2*((int64_t) blockIdx.x*blockDim.x + threadIdx.x);
+    if (e >= ne) {
+        return;
+    }
+    ggml_cuda_pdl_sync();
+    float2 v;
+    dequantize_turbo<bits>(cx + tq_cuda_offset(src, e, true), 0, e % QK_TQ, v);
+    *(dst_t *) (cdst + tq_cuda_offset(dst, e,     false)) = ggml_cuda_cast<dst_t>(v.x);
+    *(dst_t *) (cdst + tq_cuda_offset(dst, e + 1, false)) = ggml_cuda_cast<dst_t>(v.y);
+}
+
+bool ggml_cuda_tq_supports_cpy(const ggml_type src, const ggml_type dst) {
+    const bool from_float = src == GGML_TYPE_F32 || src == GGML_TYPE_F16;
+    const bool to_float   = dst == GGML_TYPE_F32 || dst == GGML_TYPE_F16;
+    return (from_float && tq_cuda_is_turbo(dst)) || (tq_cuda_is_turbo(src) && to_float);
+}
+
+template <int bits>
+static void tq_cpy_bits(const ggml_tensor * src0, ggml_tensor * src1, const tq_cpy_shape & s, const tq_cpy_shape & d,
+                        cudaStream_t stream) {
+    const int64_t ne = ggml_nelements(src0);
+    if (tq_cuda_is_turbo(src1->type)) {
+        const int64_t nblocks = ne/QK_TQ;
+        const dim3 block_dims(WARP_SIZE, TQ_CUDA_WARPS_PER_BLOCK, 1);
+        const dim3 grid_dims((nblocks + TQ_CUDA_WARPS_PER_BLOCK - 1)/TQ_CUDA_WARPS_PER_BLOCK, 1, 1);
+        if (src0->type == GGML_TYPE_F32) {
+            k_tq_cpy_to<bits, float><<<grid_dims, block_dims, 0, stream>>>((const char *) src0->data, (char *) src1->data, nblocks, s, d);
+        } else {
+            k_tq_cpy_to<bits, half><<<grid_dims, block_dims, 0, stream>>>((const char *) src0->data, (char *) src1->data, nblocks, s, d);
+        }
+    } else {
+        const int64_t npairs = ne/2;
+        const int     nthr   = 256;
+        const dim3    grid_dims((npairs + nthr - 1)/nthr, 1, 1);
+        if (src1->type == GGML_TYPE_F32) {
+            k_tq_cpy_from<bits, float><<<grid_dims, nthr, 0, stream>>>((const char *) src0->data, (char *) src1->data, ne, s, d);
+        } else {
+            k_tq_cpy_from<bits, half><<<grid_dims, nthr, 0, stream>>>((const char *) src0->data, (char *) src1->data, ne, s, d);
+        }
+    }
+    CUDA_CHECK(cudaGetLastError());
+}
+
+void ggml_cuda_tq_cpy(ggml_backend_cuda_context & ctx, const ggml_tensor * src0, ggml_tensor * src1) {
+    GGML_ASSERT(ggml_cuda_tq_supports_cpy(src0->type, src1->type));
+    GGML_ASSERT(ggml_nelements(src0) == ggml_nelements(src1));
+    const ggml_tensor * tq = tq_cuda_is_turbo(src0->type) ? src0 : src1;
+    GGML_ASSERT(tq->ne[0] % QK_TQ == 0);
+    if (ggml_nelements(src0) == 0) {
+        return;
+    }
+    const tq_cpy_shape s = { src0->ne[0], src0->ne[1], src0->ne[2], (int64_t) src0->nb[0], (int64_t) src0->nb[1], (int64_t) src0->nb[2], (int64_t) src0->nb[3] };
+    const tq_cpy_shape d = { src1->ne[0], src1->ne[1], src1->ne[2], (int64_t) src1->nb[0], (int64_t) src1->nb[1], (int64_t) src1->nb[2], (int64_t) src1->nb[3] };
+    cudaStream_t stream = ctx.stream();
+    switch (tq->type) {
+        case GGML_TYPE_TURBO2_0: tq_cpy_bits<2>(src0, src1, s, d, stream); break;
+        case GGML_TYPE_TURBO3_0: tq_cpy_bits<3>(src0, src1, s, d, stream); break;
+        case GGML_TYPE_TURBO4_0: tq_cpy_bits<4>(src0, src1, s, d, stream); break;
+        default: GGML_ABORT("fatal error");
+    }
+}

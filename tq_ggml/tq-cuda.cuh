@@ -1,0 +1,146 @@
+// TurboQuant KV-cache types on CUDA: the device code that the ggml-cuda ops call (patch 0007 wires
+// it in). Dequantization for GET_ROWS and the F32/F16/BF16 converters, the flash-attention vector
+// kernel's K.Q dot product and V rows, which read the packed cache directly, and the host entry
+// points of the encoder (SET_ROWS, CPY) in tq-cuda.cu. tq-quants.c is the specification: quantized
+// bytes and dequantized values equal it (tqkv parity checks both).
+#pragma once
+
+#include "../ggml-cuda/common.cuh"
+#include "../ggml-cuda/convert.cuh"
+
+#include "tq-common.h"
+#include "tq-codebooks.h"
+
+static constexpr __host__ __device__ bool tq_cuda_is_turbo(const ggml_type type) {
+    return type == GGML_TYPE_TURBO2_0 || type == GGML_TYPE_TURBO3_0 || type == GGML_TYPE_TURBO4_0;
+}
+
+static constexpr __host__ __device__ int tq_cuda_bits(const ggml_type type) {
+    return type == GGML_TYPE_TURBO2_0 ? 2 : type == GGML_TYPE_TURBO3_0 ? 3 : 4;
+}
+
+template <int bits> struct tq_cuda_block;
+template <> struct tq_cuda_block<2> { typedef block_turbo2_0 type; };
+template <> struct tq_cuda_block<3> { typedef block_turbo3_0 type; };
+template <> struct tq_cuda_block<4> { typedef block_turbo4_0 type; };
+
+static __constant__ float tq_cuda_centroids_2[4]  = TQ_CENTROIDS_2;
+static __constant__ float tq_cuda_centroids_3[8]  = TQ_CENTROIDS_3;
+static __constant__ float tq_cuda_centroids_4[16] = TQ_CENTROIDS_4;
+
+template <int bits>
+static __device__ __forceinline__ const float * tq_cuda_centroids() {
+    return bits == 2 ? tq_cuda_centroids_2 : bits == 3 ? tq_cuda_centroids_3 : tq_cuda_centroids_4;
+}
+
+// the 8 indices of group g: bits bytes at qs + bits*g (byte loads: a 3-bit group is not aligned)
+template <int bits>
+static __device__ __forceinline__ uint32_t tq_cuda_load_group(const uint8_t * p) {
+    uint32_t w = 0;
+#pragma unroll
+    for (int j = 0; j < bits; ++j) {
+        w |= (uint32_t) p[j] << (8*j);
+    }
+    return w;
+}
+
+// dequantize_kernel_t with qr == 1: values iqs and iqs + 1 of block ib (GET_ROWS, converters)
+template <int bits>
+static __device__ __forceinline__ void dequantize_turbo(const void * vx, const int64_t ib, const int iqs, float2 & v) {
+    const typename tq_cuda_block<bits>::type * x = (const typename tq_cuda_block<bits>::type *) vx + ib;
+    const float * cb = tq_cuda_centroids<bits>();
+    constexpr uint32_t mask = (1u << bits) - 1;
+
+    const float    d = __half2float(x->d);
+    const uint32_t w = tq_cuda_load_group<bits>(x->qs + bits*(iqs/8)) >> (bits*(iqs%8));
+    v.x = d * cb[ w          & mask];
+    v.y = d * cb[(w >> bits) & mask];
+}
+
+// Flash attention. The vector kernel gives each of nthreads = 8 threads one group of 8 values per
+// 64-value block (the f16 layout: Q sits in registers as float2, scaled). The codebooks go to
+// shared memory once per thread block: a lookup there is conflict-free (<= 16 words in distinct
+// banks), while __constant__ would serialize divergent indices.
+static __shared__ float tq_fattn_cb_K[16];
+static __shared__ float tq_fattn_cb_V[16];
+
+template <ggml_type type_K, ggml_type type_V>
+static __device__ __forceinline__ void tq_fattn_load_codebooks() {
+    if constexpr (tq_cuda_is_turbo(type_K) || tq_cuda_is_turbo(type_V)) {
+        const int tid = threadIdx.y*WARP_SIZE + threadIdx.x;
+        if constexpr (tq_cuda_is_turbo(type_K)) {
+            if (tid < (1 << tq_cuda_bits(type_K))) {
+                tq_fattn_cb_K[tid] = tq_cuda_centroids<tq_cuda_bits(type_K)>()[tid];
+            }
+        }
+        if constexpr (tq_cuda_is_turbo(type_V)) {
+            if (tid < (1 << tq_cuda_bits(type_V))) {
+                tq_fattn_cb_V[tid] = tq_cuda_centroids<tq_cuda_bits(type_V)>()[tid];
+            }
+        }
+        __syncthreads();
+    }
+}
+
+template <int bits, int D, int nthreads>
+static __device__ __forceinline__ float vec_dot_fattn_vec_KQ_turbo(
+    const char * __restrict__ K_c, const void * __restrict__ Q_v, const int * __restrict__ Q_q8, const void * __restrict__ Q_ds_v) {
+    static_assert(nthreads*8 == QK_TQ && D % QK_TQ == 0, "one thread per group of 8 values");
+    GGML_UNUSED(Q_q8);
+    GGML_UNUSED(Q_ds_v);
+
+    const typename tq_cuda_block<bits>::type * K = (const typename tq_cuda_block<bits>::type *) K_c;
+    const float2 * Q = (const float2 *) Q_v;
+    constexpr uint32_t mask = (1u << bits) - 1;
+    const int g = threadIdx.x % nthreads;
+
+    float sum = 0.0f;
+#pragma unroll
+    for (int ib = 0; ib < D/QK_TQ; ++ib) {
+        const uint32_t w = tq_cuda_load_group<bits>(K[ib].qs + bits*g);
+        float s = 0.0f;
+#pragma unroll
+        for (int l = 0; l < 8; l += 2) {
+            const float2 q = Q[ib*4 + l/2];
+            s += q.x * tq_fattn_cb_K[(w >> (bits*l))       & mask];
+            s += q.y * tq_fattn_cb_K[(w >> (bits*(l + 1))) & mask];
+        }
+        sum += __half2float(K[ib].d) * s;
+    }
+    return sum;
+}
+
+// ne = 8 values starting at i0 (a group): the V row layout of the f16 case
+template <int bits, typename T, int ne>
+static __device__ __forceinline__ void dequantize_V_turbo(const void * __restrict__ vx, void * __restrict__ dst, const int64_t i0) {
+    static_assert(ne == 8, "one group of 8 values per call");
+    const typename tq_cuda_block<bits>::type * x = (const typename tq_cuda_block<bits>::type *) vx + i0/QK_TQ;
+    constexpr uint32_t mask = (1u << bits) - 1;
+
+    const uint32_t w = tq_cuda_load_group<bits>(x->qs + bits*((i0 % QK_TQ)/8));
+    const float    d = __half2float(x->d);
+#pragma unroll
+    for (int l = 0; l < ne; ++l) {
+        const float y = d * tq_fattn_cb_V[(w >> (bits*l)) & mask];
+        if constexpr (std::is_same_v<T, half>) {
+            ((half *) dst)[l] = __float2half(y);
+        } else {
+            static_assert(std::is_same_v<T, float>, "bad type");
+            ((float *) dst)[l] = y;
+        }
+    }
+}
+
+// Every K/V pair of {f16, q8_0, tq2_0, tq3_0, tq4_0} that holds a TurboQuant type has a vector
+// kernel instance (tq-fattn-vec-*.cu); X(type_K, type_V) with the GGML_TYPE_ suffixes.
+#define TQ_FATTN_VEC_PAIRS_K(X, K) X(K, F16) X(K, Q8_0) X(K, TURBO2_0) X(K, TURBO3_0) X(K, TURBO4_0)
+#define TQ_FATTN_VEC_PAIRS(X)                                                      \
+    TQ_FATTN_VEC_PAIRS_K(X, TURBO2_0) TQ_FATTN_VEC_PAIRS_K(X, TURBO3_0) TQ_FATTN_VEC_PAIRS_K(X, TURBO4_0) \
+    X(F16, TURBO2_0) X(F16, TURBO3_0) X(F16, TURBO4_0)                             \
+    X(Q8_0, TURBO2_0) X(Q8_0, TURBO3_0) X(Q8_0, TURBO4_0)
+
+// host entry points (tq-cuda.cu)
+struct ggml_backend_cuda_context;
+void ggml_cuda_tq_set_rows(ggml_backend_cuda_context & ctx, const ggml_tensor * src0, const ggml_tensor * src1, ggml_tensor * dst);
+void ggml_cuda_tq_cpy(ggml_backend_cuda_context & ctx, const ggml_tensor * src0, ggml_tensor * src1);
+bool ggml_cuda_tq_supports_cpy(ggml_type src, ggml_type dst);
