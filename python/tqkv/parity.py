@@ -158,10 +158,21 @@ def quantize_checks(be: Backend, real: list[RealLayer]) -> list[Check]:
     return checks
 
 
-def _q_as_backend(be: Backend, q: torch.Tensor, type_k: str) -> torch.Tensor:
-    """Q as the CPU kernel sees it: converted to the vec_dot type of K. For q8_0 that is the AVX2
-    quantize_row_q8_0 (x * (127/amax), rounded half to even), not the scalar reference."""
-    if be.name != "CPU" or type_k in TQ_TYPES:
+def _q_as_backend(be: Backend, q: torch.Tensor, type_k: str, scale: float) -> torch.Tensor:
+    """Q as the kernel sees it. The CPU converts it to the vec_dot type of K; for q8_0 that is the
+    AVX2 quantize_row_q8_0 (x * (127/amax), rounded half to even), not the scalar reference. CUDA's
+    vector kernel (1-2 queries) turns scale*Q into q8_1 for a q8_0 K (x / (amax/127), rounded half
+    away from zero); its other kernels read Q in float or f16 (inside the f16 tolerance)."""
+    if type_k in TQ_TYPES:
+        return q
+    if be.name.startswith("CUDA"):
+        if type_k != "q8_0" or q.shape[0] > 2:
+            return q
+        blocks = (q * scale).reshape(-1, reference.QK8_0)
+        d = blocks.abs().amax(-1, keepdim=True) / 127
+        r = torch.where(d > 0, blocks / d, torch.zeros_like(blocks))
+        return (d * torch.sign(r) * torch.floor(r.abs() + 0.5)).reshape(q.shape) / scale
+    if be.name != "CPU":
         return q
     if type_k == "f16":
         return q.half().float()
@@ -186,7 +197,7 @@ def _fa_case(be: Backend, c: Check, q: torch.Tensor, k: torch.Tensor, v: torch.T
     if got is None:
         c.status = "unsupported"
         return False
-    ref = reference.flash_attn_ext(_q_as_backend(be, q, tk), kd, vd, scale, mask)
+    ref = reference.flash_attn_ext(_q_as_backend(be, q, tk, scale), kd, vd, scale, mask)
     c.add(float((torch.from_numpy(got).double() - ref).abs().max() / vd.abs().max().clamp(min=1e-30)))
     return True
 
