@@ -33,55 +33,13 @@ Q4_0_BYTES = 18 / 32  # bytes per weight
 
 
 def write_model(path: Path) -> None:
-    """Random Q4_0 weights (scale 0.02, random nibbles), ones for the norms."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "build/src/llama_cpp_python-0.3.36/vendor/llama.cpp/gguf-py"))
-    import gguf
+    """The Llama-3.1-8B shape with random Q4_0 weights (tqkv.synth)."""
+    # the GPU machine has no gguf package: take gguf-py from the patched llama.cpp tree
+    root = Path(__file__).resolve().parents[1]
+    sys.path[:0] = [str(root / "build/src/llama_cpp_python-0.3.36/vendor/llama.cpp/gguf-py"), str(root / "python")]
+    from tqkv import synth
 
-    rng = np.random.default_rng(0)
-    w = gguf.GGUFWriter(str(path), "llama")
-    for add, value in [(w.add_block_count, N_LAYER), (w.add_context_length, 131072), (w.add_embedding_length, N_EMBD),
-                       (w.add_feed_forward_length, N_FF), (w.add_head_count, N_HEAD), (w.add_head_count_kv, N_HEAD_KV),
-                       (w.add_rope_freq_base, 500000.0), (w.add_layer_norm_rms_eps, 1e-5),
-                       (w.add_rope_dimension_count, HEAD_DIM)]:
-        add(value)
-    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_0)
-    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
-    tokens += [f"t{i}" for i in range(N_VOCAB - len(tokens))]
-    w.add_tokenizer_model("llama")
-    w.add_token_list(tokens)
-    w.add_token_scores([0.0] * N_VOCAB)
-    w.add_token_types([2, 3, 3] + [6] * 256 + [1] * (N_VOCAB - 259))
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-
-    scale = np.full(1, 0.02, dtype=np.float16).view(np.uint8)
-
-    def q4_0(name: str, rows: int, cols: int) -> None:
-        blocks = rng.integers(0, 256, size=(rows, cols // 32, 18), dtype=np.uint8)
-        blocks[:, :, 0:2] = scale
-        w.add_tensor(name, blocks.reshape(rows, cols // 32 * 18), raw_dtype=gguf.GGMLQuantizationType.Q4_0)
-
-    def ones(name: str, n: int) -> None:
-        w.add_tensor(name, np.ones(n, dtype=np.float32))
-
-    q4_0("token_embd.weight", N_VOCAB, N_EMBD)
-    ones("output_norm.weight", N_EMBD)
-    q4_0("output.weight", N_VOCAB, N_EMBD)
-    for i in range(N_LAYER):
-        p = f"blk.{i}."
-        ones(p + "attn_norm.weight", N_EMBD)
-        q4_0(p + "attn_q.weight", N_EMBD, N_EMBD)
-        q4_0(p + "attn_k.weight", N_HEAD_KV * HEAD_DIM, N_EMBD)
-        q4_0(p + "attn_v.weight", N_HEAD_KV * HEAD_DIM, N_EMBD)
-        q4_0(p + "attn_output.weight", N_EMBD, N_EMBD)
-        ones(p + "ffn_norm.weight", N_EMBD)
-        q4_0(p + "ffn_gate.weight", N_FF, N_EMBD)
-        q4_0(p + "ffn_up.weight", N_FF, N_EMBD)
-        q4_0(p + "ffn_down.weight", N_EMBD, N_FF)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    synth.write_llama(path, N_LAYER, N_EMBD, N_HEAD, N_HEAD_KV, HEAD_DIM, N_FF, N_VOCAB, q4_0=True)
 
 
 def copy_bandwidth() -> float:

@@ -10,7 +10,9 @@ import numpy as np
 
 
 def write_llama(path: Path, n_layer: int = 2, n_embd: int = 256, n_head: int = 4, n_head_kv: int = 2,
-                head_dim: int | None = None, n_ff: int = 512, n_vocab: int = 512, seed: int = 0) -> Path:
+                head_dim: int | None = None, n_ff: int = 512, n_vocab: int = 512, seed: int = 0,
+                q4_0: bool = False) -> Path:
+    """q4_0: random Q4_0 blocks (scale 0.02, random nibbles) instead of f32, for 8B-sized speed runs."""
     head_dim = head_dim or n_embd // n_head
     rng = np.random.default_rng(seed)
     w = gguf.GGUFWriter(str(path), "llama")
@@ -25,7 +27,7 @@ def write_llama(path: Path, n_layer: int = 2, n_embd: int = 256, n_head: int = 4
     w.add_rope_dimension_count(head_dim)
     w.add_rope_freq_base(10000.0)
     w.add_layer_norm_rms_eps(1e-5)
-    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_0 if q4_0 else gguf.LlamaFileType.ALL_F32)
     tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
     tokens += [f"t{i}" for i in range(n_vocab - len(tokens))]
     w.add_tokenizer_model("llama")
@@ -35,8 +37,15 @@ def write_llama(path: Path, n_layer: int = 2, n_embd: int = 256, n_head: int = 4
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
 
+    q4_scale = np.full(1, 0.02, dtype=np.float16).view(np.uint8)
+
     def mat(name: str, rows: int, cols: int) -> None:
-        w.add_tensor(name, (rng.standard_normal((rows, cols)) / np.sqrt(cols)).astype(np.float32))
+        if q4_0:
+            blocks = rng.integers(0, 256, size=(rows, cols // 32, 18), dtype=np.uint8)
+            blocks[:, :, 0:2] = q4_scale
+            w.add_tensor(name, blocks.reshape(rows, -1), raw_dtype=gguf.GGMLQuantizationType.Q4_0)
+        else:
+            w.add_tensor(name, (rng.standard_normal((rows, cols)) / np.sqrt(cols)).astype(np.float32))
 
     def ones(name: str, n: int) -> None:
         w.add_tensor(name, np.ones(n, dtype=np.float32))
