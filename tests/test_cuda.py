@@ -5,15 +5,12 @@ Skipped on machines without both, CI among them; run on the GPU machine (README,
 
 from __future__ import annotations
 
-import re
-import subprocess
-
 import pytest
 import torch
 
 from tqkv import build, parity
 
-from test_ggml_tests import CASES
+from test_ggml_tests import CASES, run_backend_ops
 
 CUDA_BIN = build.Layout().bin_dir(cuda=True)
 
@@ -23,12 +20,7 @@ pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and (CUDA_BIN / "
 
 @pytest.mark.parametrize("op", CASES)
 def test_backend_ops_cuda_vs_cpu(op: str) -> None:
-    r = subprocess.run([str(CUDA_BIN / "test-backend-ops"), "test", "-b", "CUDA0", "-o", op, "-p", "turbo"],
-                       capture_output=True, text=True, timeout=1200)
-    out = re.sub(r"\x1b\[[0-9;]*m", "", r.stdout + r.stderr)
-    assert r.returncode == 0, out[-4000:]
-    n = CASES[op]
-    assert f"{n}/{n} tests passed" in out, out[-4000:]
+    out = run_backend_ops(CUDA_BIN, "CUDA0", op)
     assert "not supported" not in out, out[-4000:]
 
 

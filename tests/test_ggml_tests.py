@@ -26,15 +26,22 @@ def test_quantize_fns(bin_dir: Path) -> None:
 CASES = {"SET_ROWS": 18, "GET_ROWS": 9, "CPY": 27, "FLASH_ATTN_EXT": 135}
 
 
-@pytest.mark.parametrize("op", CASES)
-def test_backend_ops(bin_dir: Path, op: str) -> None:
-    # without a GPU the only backend is the CPU, which test-backend-ops compares with itself: this
-    # runs every TurboQuant case through the CPU support check and kernels (crash, abort, NaN);
-    # on the GPU machine the same command compares CUDA with the CPU
-    r = subprocess.run([str(bin_dir / "test-backend-ops"), "test", "-b", "CPU", "-o", op, "-p", "turbo"],
+def run_backend_ops(bin_dir: Path, backend: str, op: str) -> str:
+    """test-backend-ops on the TurboQuant cases of op; asserts that all of them ran and passed."""
+    r = subprocess.run([str(bin_dir / "test-backend-ops"), "test", "-b", backend, "-o", op, "-p", "turbo"],
                        capture_output=True, text=True, timeout=1200)
     out = re.sub(r"\x1b\[[0-9;]*m", "", r.stdout + r.stderr)
     assert r.returncode == 0, out[-4000:]
     n = CASES[op]
     assert f"{n}/{n} tests passed" in out, out[-4000:]
+    return out
+
+
+@pytest.mark.parametrize("op", CASES)
+def test_backend_ops(bin_dir: Path, op: str) -> None:
+    # without a GPU the only backend is the CPU, which test-backend-ops compares with itself: this
+    # runs every TurboQuant case through the CPU support check and kernels (crash, abort, NaN);
+    # on the GPU machine the same command compares CUDA with the CPU
+    out = run_backend_ops(bin_dir, "CPU", op)
+    n = CASES[op]
     assert len(re.findall(rf"^\s+{op}\(.*turbo.*\): OK$", out, re.M)) == n, out[-4000:]
