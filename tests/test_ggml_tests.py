@@ -21,9 +21,10 @@ def test_quantize_fns(bin_dir: Path) -> None:
         assert len(lines) == 3 and all(" ok " in line + " " for line in lines), "\n".join(lines) or out[-2000:]
 
 
-# TurboQuant cases registered by patches/0004: 3 types x head sizes 64/128/256, and for
-# FLASH_ATTN_EXT 3 batch sizes x (TQ/TQ + TQ mixed both ways with f16 and q8_0)
-CASES = {"SET_ROWS": 18, "GET_ROWS": 9, "CPY": 27, "FLASH_ATTN_EXT": 135}
+# TurboQuant cases registered by patches/0004: 3 types x head sizes 64/128/256 (plus the encoder's
+# many-block path), and for FLASH_ATTN_EXT 3 batch sizes x (TQ/TQ + TQ mixed both ways with f16 and
+# q8_0) plus the GQA decode kernel's head groups, mixes and feature flags
+CASES = {"SET_ROWS": 21, "GET_ROWS": 9, "CPY": 30, "FLASH_ATTN_EXT": 180}
 
 
 def run_backend_ops(bin_dir: Path, backend: str, op: str) -> str:

@@ -1,7 +1,8 @@
 // TurboQuant KV-cache types on CUDA: the encoder (SET_ROWS and CPY into the types) and CPY out of
-// them. One warp encodes one 64-value block, lane l holding values 2l and 2l+1, and runs the scale
-// search of tq-quants.c: float thresholds from correctly rounded products (__fmul_rn/__fdiv_rn, as
-// this file is built with fast math), float64 sums, the same tie rule. Only the order of the
+// them. A warp (or, for a few blocks, a thread block) encodes one 64-value block, lane l holding
+// values 2l and 2l+1, with the scale search of tq-quants.c: float thresholds from correctly
+// rounded products (__fmul_rn/__fdiv_rn, as this file is built with fast math), float64 sums, the
+// same tie rule. Only the order of the
 // float64 sums differs (a butterfly instead of a loop); the tie rule is 1e-9 relative, far above
 // that rounding, so the bytes match the CPU's.
 #include "tq-cuda.cuh"
@@ -11,7 +12,8 @@ static __constant__ float tq_cuda_boundaries_3[7]  = TQ_BOUNDARIES_3;
 static __constant__ float tq_cuda_boundaries_4[15] = TQ_BOUNDARIES_4;
 
 #define TQ_D_MAX 65504.0f
-#define TQ_CUDA_WARPS_PER_BLOCK 4
+#define TQ_CUDA_WARPS_PER_BLOCK 4   // prompts: one warp per TQ block, 4 per thread block
+#define TQ_CUDA_ENC_PARALLEL_MAX 256 // up to this many TQ blocks, a thread block per TQ block
 
 template <int bits>
 static __device__ __forceinline__ const float * tq_cuda_boundaries() {
@@ -24,6 +26,11 @@ static __device__ __forceinline__ double tq_cuda_warp_sum(double v) {
         v += __shfl_xor_sync(0xFFFFFFFF, v, offset, WARP_SIZE);
     }
     return v; // a butterfly: every lane holds the same bits
+}
+
+// candidate s of the scale search: norm * (TQ_SCALE_MIN + s) / TQ_SCALE_DIV, rounded as the CPU does
+static __device__ __forceinline__ float tq_cuda_candidate_scale(const float norm, const int s) {
+    return __fmul_rn(norm, __fdiv_rn((float) (TQ_SCALE_MIN + s), TQ_SCALE_DIV));
 }
 
 // #(x > boundary_j * s), as tq_block_indices
@@ -47,14 +54,20 @@ static __device__ __forceinline__ uint16_t tq_cuda_fp16_bits(const float f) {
     return __half_as_ushort(__float2half_rn(f));
 }
 
-// Called by all 32 lanes of a warp; lane l holds values 2l and 2l+1 of the block.
-template <int bits>
-static __device__ void tq_cuda_quantize_block_warp(const float x0, const float x1, typename tq_cuda_block<bits>::type * y) {
+// The scale search of one block, lane l of a warp holding values 2l and 2l+1, in one of two shapes:
+// nwarps == 1: the warp tries every candidate scale in turn (prompts: many blocks, throughput);
+// nwarps == TQ_SCALE_STEPS: the warps of a thread block share one block, warp s trying candidate s,
+// and warp 0 scans their results (decode: a few blocks per layer, so latency counts). Both take
+// candidates in order with the CPU's tie rule: the same bytes.
+template <int bits, int nwarps>
+static __device__ void tq_cuda_quantize_block(const float x0, const float x1, typename tq_cuda_block<bits>::type * y) {
+    static_assert(nwarps == 1 || nwarps == TQ_SCALE_STEPS, "one warp per block, or one per candidate");
     const float * cb = tq_cuda_centroids<bits>();
-    const int lane = threadIdx.x % WARP_SIZE;
+    const int lane = threadIdx.x;
+    const int warp = nwarps == 1 ? 0 : threadIdx.y;
 
     const double sumsq = tq_cuda_warp_sum((double) x0*x0 + (double) x1*x1);
-    const float  norm  = (float) sqrt(sumsq);
+    const float  norm  = (float) sqrt(sumsq); // the same bits in every warp: the branch below is uniform
 
     int   k0;
     int   k1;
@@ -70,26 +83,58 @@ static __device__ void tq_cuda_quantize_block_warp(const float x0, const float x
             scale = __shfl_sync(0xFFFFFFFF, mine, __ffs(nan_lanes) - 1, WARP_SIZE);
         }
     } else {
-        double best_gain = -1.0;
-        k0 = 0;
-        k1 = 0;
-        for (int s = 0; s < TQ_SCALE_STEPS; ++s) {
-            const float sc = __fmul_rn(norm, __fdiv_rn((float) (TQ_SCALE_MIN + s), TQ_SCALE_DIV));
-            const int i0 = tq_cuda_index<bits>(x0, sc);
-            const int i1 = tq_cuda_index<bits>(x1, sc);
-            const double c0 = cb[i0];
-            const double c1 = cb[i1];
-            // products of two floats are exact in float64: only the order of the sums can differ
+        // candidate s: gain <x,c>^2/<c,c> of its cells c, least-squares scale <x,c>/<c,c>; products
+        // of two floats are exact in float64, so only the order of the sums can differ from the CPU
+        const auto candidate = [&](const int s, double & gain, float & d) {
+            const float sc = tq_cuda_candidate_scale(norm, s);
+            const double c0 = cb[tq_cuda_index<bits>(x0, sc)];
+            const double c1 = cb[tq_cuda_index<bits>(x1, sc)];
             const double xc = tq_cuda_warp_sum((double) x0*c0 + (double) x1*c1);
             const double cc = tq_cuda_warp_sum(c0*c0 + c1*c1);
-            const double gain = xc*xc/cc;
-            if (gain > best_gain*(1.0 + TQ_SCALE_TIE)) {
-                best_gain = gain;
-                scale     = (float) (xc/cc);
-                k0        = i0;
-                k1        = i1;
+            gain = xc*xc/cc;
+            d    = (float) (xc/cc);
+        };
+        double best_gain = -1.0;
+        int    best      = 0;
+        if constexpr (nwarps == 1) {
+            for (int s = 0; s < TQ_SCALE_STEPS; ++s) {
+                double gain;
+                float  d;
+                candidate(s, gain, d);
+                if (gain > best_gain*(1.0 + TQ_SCALE_TIE)) {
+                    best_gain = gain;
+                    best      = s;
+                    scale     = d;
+                }
+            }
+        } else {
+            __shared__ double cand_gain[TQ_SCALE_STEPS];
+            __shared__ float  cand_d[TQ_SCALE_STEPS];
+            double gain;
+            float  d;
+            candidate(warp, gain, d);
+            if (lane == 0) {
+                cand_gain[warp] = gain;
+                cand_d[warp]    = d;
+            }
+            __syncthreads();
+            if (warp != 0) {
+                return;
+            }
+            for (int s = 0; s < TQ_SCALE_STEPS; ++s) {
+                if (cand_gain[s] > best_gain*(1.0 + TQ_SCALE_TIE)) {
+                    best_gain = cand_gain[s];
+                    best      = s;
+                    scale     = cand_d[s];
+                }
             }
         }
+        const float sc = tq_cuda_candidate_scale(norm, best);
+        k0 = tq_cuda_index<bits>(x0, sc);
+        k1 = tq_cuda_index<bits>(x1, sc);
+    }
+    if (warp != 0) {
+        return;
     }
 
     // group g (values 8g..8g+7) is lanes 4g..4g+3: assemble its bits-byte word across them
@@ -115,7 +160,7 @@ static __device__ __forceinline__ float tq_cuda_to_float(const src_t v) {
 }
 
 // SET_ROWS: dst row src1[i01, i02 % ne11, i03 % ne12] of plane (i02, i03) gets src0 row (i01, i02, i03)
-template <int bits, typename src_t, typename idx_t>
+template <int bits, int nwarps, typename src_t, typename idx_t>
 static __global__ void k_tq_set_rows(
         const src_t * __restrict__ src0, const idx_t * __restrict__ src1, char * __restrict__ dst,
         const int64_t nblocks, const int64_t nb_row, const int64_t ne01, const int64_t ne02,
@@ -123,7 +168,7 @@ static __global__ void k_tq_set_rows(
         const int64_t s01, const int64_t s02, const int64_t s03,
         const int64_t s10, const int64_t s11, const int64_t s12,
         const size_t nb1, const size_t nb2, const size_t nb3) {
-    const int64_t ib = (int64_t) blockIdx.x*TQ_CUDA_WARPS_PER_BLOCK + threadIdx.y;
+    const int64_t ib = nwarps == 1 ? (int64_t) blockIdx.x*TQ_CUDA_WARPS_PER_BLOCK + threadIdx.y : blockIdx.x;
     if (ib >= nblocks) {
         return; // the whole warp
     }
@@ -140,7 +185,7 @@ static __global__ void k_tq_set_rows(
     typename tq_cuda_block<bits>::type * y =
         (typename tq_cuda_block<bits>::type *) (dst + dst_row*nb1 + i02*nb2 + i03*nb3) + ib0;
 
-    tq_cuda_quantize_block_warp<bits>(tq_cuda_to_float(x[0]), tq_cuda_to_float(x[1]), y);
+    tq_cuda_quantize_block<bits, nwarps>(tq_cuda_to_float(x[0]), tq_cuda_to_float(x[1]), y);
 }
 
 template <int bits, typename src_t, typename idx_t>
@@ -152,14 +197,21 @@ static void tq_set_rows_launch(const ggml_tensor * src0, const ggml_tensor * src
     if (nblocks == 0) {
         return;
     }
-    const dim3 block_dims(WARP_SIZE, TQ_CUDA_WARPS_PER_BLOCK, 1);
-    const dim3 grid_dims((nblocks + TQ_CUDA_WARPS_PER_BLOCK - 1)/TQ_CUDA_WARPS_PER_BLOCK, 1, 1);
-    k_tq_set_rows<bits, src_t, idx_t><<<grid_dims, block_dims, 0, stream>>>(
-        (const src_t *) src0->data, (const idx_t *) src1->data, (char *) dst->data,
-        nblocks, nb_row, ne01, ne02, ne11, ne12,
-        nb01/sizeof(src_t), nb02/sizeof(src_t), nb03/sizeof(src_t),
-        nb10/sizeof(idx_t), nb11/sizeof(idx_t), nb12/sizeof(idx_t),
-        nb1, nb2, nb3);
+    const auto launch = [&](auto kernel, const dim3 grid_dims, const dim3 block_dims) {
+        kernel<<<grid_dims, block_dims, 0, stream>>>(
+            (const src_t *) src0->data, (const idx_t *) src1->data, (char *) dst->data,
+            nblocks, nb_row, ne01, ne02, ne11, ne12,
+            nb01/sizeof(src_t), nb02/sizeof(src_t), nb03/sizeof(src_t),
+            nb10/sizeof(idx_t), nb11/sizeof(idx_t), nb12/sizeof(idx_t),
+            nb1, nb2, nb3);
+    };
+    if (nblocks <= TQ_CUDA_ENC_PARALLEL_MAX) {
+        launch(k_tq_set_rows<bits, TQ_SCALE_STEPS, src_t, idx_t>, dim3(nblocks, 1, 1), dim3(WARP_SIZE, TQ_SCALE_STEPS, 1));
+    } else {
+        GGML_ASSERT(nblocks/TQ_CUDA_WARPS_PER_BLOCK < INT_MAX);
+        launch(k_tq_set_rows<bits, 1, src_t, idx_t>, dim3((nblocks + TQ_CUDA_WARPS_PER_BLOCK - 1)/TQ_CUDA_WARPS_PER_BLOCK, 1, 1),
+               dim3(WARP_SIZE, TQ_CUDA_WARPS_PER_BLOCK, 1));
+    }
     CUDA_CHECK(cudaGetLastError());
 }
 
@@ -201,11 +253,12 @@ static __device__ __forceinline__ int64_t tq_cuda_offset(const tq_cpy_shape & s,
     return (blocked ? i0/QK_TQ : i0)*s.nb0 + i1*s.nb1 + i2*s.nb2 + i3*s.nb3;
 }
 
-// float -> TQ: one warp per destination block (its 64 elements may be strided in the source)
-template <int bits, typename src_t>
+// float -> TQ: one warp or thread block (nwarps) per destination block (its 64 elements may be
+// strided in the source)
+template <int bits, int nwarps, typename src_t>
 static __global__ void k_tq_cpy_to(const char * __restrict__ cx, char * __restrict__ cdst, const int64_t nblocks,
                                    const tq_cpy_shape src, const tq_cpy_shape dst) {
-    const int64_t ib = (int64_t) blockIdx.x*TQ_CUDA_WARPS_PER_BLOCK + threadIdx.y;
+    const int64_t ib = nwarps == 1 ? (int64_t) blockIdx.x*TQ_CUDA_WARPS_PER_BLOCK + threadIdx.y : blockIdx.x;
     if (ib >= nblocks) {
         return;
     }
@@ -213,7 +266,7 @@ static __global__ void k_tq_cpy_to(const char * __restrict__ cx, char * __restri
     ggml_cuda_pdl_sync();
     const float x0 = tq_cuda_to_float(*(const src_t *) (cx + tq_cuda_offset(src, e,     false)));
     const float x1 = tq_cuda_to_float(*(const src_t *) (cx + tq_cuda_offset(src, e + 1, false)));
-    tq_cuda_quantize_block_warp<bits>(x0, x1,
+    tq_cuda_quantize_block<bits, nwarps>(x0, x1,
         (typename tq_cuda_block<bits>::type *) (cdst + tq_cuda_offset(dst, ib*QK_TQ, true)));
 }
 
@@ -244,12 +297,20 @@ static void tq_cpy_bits(const ggml_tensor * src0, ggml_tensor * src1, const tq_c
     const int64_t ne = ggml_nelements(src0);
     if (tq_cuda_is_turbo(src1->type)) {
         const int64_t nblocks = ne/QK_TQ;
-        const dim3 block_dims(WARP_SIZE, TQ_CUDA_WARPS_PER_BLOCK, 1);
-        const dim3 grid_dims((nblocks + TQ_CUDA_WARPS_PER_BLOCK - 1)/TQ_CUDA_WARPS_PER_BLOCK, 1, 1);
-        if (src0->type == GGML_TYPE_F32) {
-            k_tq_cpy_to<bits, float><<<grid_dims, block_dims, 0, stream>>>((const char *) src0->data, (char *) src1->data, nblocks, s, d);
+        const auto launch = [&](auto kernel_f32, auto kernel_f16, const dim3 grid_dims, const dim3 block_dims) {
+            if (src0->type == GGML_TYPE_F32) {
+                kernel_f32<<<grid_dims, block_dims, 0, stream>>>((const char *) src0->data, (char *) src1->data, nblocks, s, d);
+            } else {
+                kernel_f16<<<grid_dims, block_dims, 0, stream>>>((const char *) src0->data, (char *) src1->data, nblocks, s, d);
+            }
+        };
+        if (nblocks <= TQ_CUDA_ENC_PARALLEL_MAX) {
+            launch(k_tq_cpy_to<bits, TQ_SCALE_STEPS, float>, k_tq_cpy_to<bits, TQ_SCALE_STEPS, half>,
+                   dim3(nblocks, 1, 1), dim3(WARP_SIZE, TQ_SCALE_STEPS, 1));
         } else {
-            k_tq_cpy_to<bits, half><<<grid_dims, block_dims, 0, stream>>>((const char *) src0->data, (char *) src1->data, nblocks, s, d);
+            GGML_ASSERT(nblocks/TQ_CUDA_WARPS_PER_BLOCK < INT_MAX);
+            launch(k_tq_cpy_to<bits, 1, float>, k_tq_cpy_to<bits, 1, half>,
+                   dim3((nblocks + TQ_CUDA_WARPS_PER_BLOCK - 1)/TQ_CUDA_WARPS_PER_BLOCK, 1, 1), dim3(WARP_SIZE, TQ_CUDA_WARPS_PER_BLOCK, 1));
         }
     } else {
         const int64_t npairs = ne/2;

@@ -33,15 +33,22 @@ static __device__ __forceinline__ const float * tq_cuda_centroids() {
     return bits == 2 ? tq_cuda_centroids_2 : bits == 3 ? tq_cuda_centroids_3 : tq_cuda_centroids_4;
 }
 
-// the 8 indices of group g: bits bytes at qs + bits*g (byte loads: a 3-bit group is not aligned)
+// The 8 indices of group g (values 8g..8g+7) of a block: bits bytes at qs + bits*g. Blocks are
+// 2-byte aligned (an fp16 scale, then an even number of index bytes), so 16-bit loads are: one for
+// 2-bit, two for 4-bit, and for 3-bit the two aligned halfwords that hold the 3 bytes.
 template <int bits>
-static __device__ __forceinline__ uint32_t tq_cuda_load_group(const uint8_t * p) {
-    uint32_t w = 0;
-#pragma unroll
-    for (int j = 0; j < bits; ++j) {
-        w |= (uint32_t) p[j] << (8*j);
+static __device__ __forceinline__ uint32_t tq_cuda_load_group(const uint8_t * qs, const int g) {
+    if constexpr (bits == 2) {
+        return *(const uint16_t *) (qs + 2*g);
+    } else if constexpr (bits == 4) {
+        const uint16_t * p = (const uint16_t *) (qs + 4*g);
+        return p[0] | ((uint32_t) p[1] << 16);
+    } else {
+        static_assert(bits == 3, "bad bits");
+        const int       o = 3*g;
+        const uint16_t * p = (const uint16_t *) (qs + (o & ~1));
+        return (p[0] | ((uint32_t) p[1] << 16)) >> (8*(o & 1));
     }
-    return w;
 }
 
 // dequantize_kernel_t with qr == 1: values iqs and iqs + 1 of block ib (GET_ROWS, converters)
@@ -52,7 +59,7 @@ static __device__ __forceinline__ void dequantize_turbo(const void * vx, const i
     constexpr uint32_t mask = (1u << bits) - 1;
 
     const float    d = __half2float(x->d);
-    const uint32_t w = tq_cuda_load_group<bits>(x->qs + bits*(iqs/8)) >> (bits*(iqs%8));
+    const uint32_t w = tq_cuda_load_group<bits>(x->qs, iqs/8) >> (bits*(iqs%8));
     v.x = d * cb[ w          & mask];
     v.y = d * cb[(w >> bits) & mask];
 }
@@ -97,7 +104,7 @@ static __device__ __forceinline__ float vec_dot_fattn_vec_KQ_turbo(
     float sum = 0.0f;
 #pragma unroll
     for (int ib = 0; ib < D/QK_TQ; ++ib) {
-        const uint32_t w = tq_cuda_load_group<bits>(K[ib].qs + bits*g);
+        const uint32_t w = tq_cuda_load_group<bits>(K[ib].qs, g);
         float s = 0.0f;
 #pragma unroll
         for (int l = 0; l < 8; l += 2) {
@@ -117,7 +124,7 @@ static __device__ __forceinline__ void dequantize_V_turbo(const void * __restric
     const typename tq_cuda_block<bits>::type * x = (const typename tq_cuda_block<bits>::type *) vx + i0/QK_TQ;
     constexpr uint32_t mask = (1u << bits) - 1;
 
-    const uint32_t w = tq_cuda_load_group<bits>(x->qs + bits*((i0 % QK_TQ)/8));
+    const uint32_t w = tq_cuda_load_group<bits>(x->qs, (i0 % QK_TQ)/8);
     const float    d = __half2float(x->d);
 #pragma unroll
     for (int l = 0; l < ne; ++l) {
@@ -144,3 +151,5 @@ struct ggml_backend_cuda_context;
 void ggml_cuda_tq_set_rows(ggml_backend_cuda_context & ctx, const ggml_tensor * src0, const ggml_tensor * src1, ggml_tensor * dst);
 void ggml_cuda_tq_cpy(ggml_backend_cuda_context & ctx, const ggml_tensor * src0, ggml_tensor * src1);
 bool ggml_cuda_tq_supports_cpy(ggml_type src, ggml_type dst);
+// FLASH_ATTN_EXT decode with K and V both TurboQuant (tq-fattn-gqa.cu); false: not taken, use the vector kernel
+bool ggml_cuda_tq_flash_attn_ext_gqa(ggml_backend_cuda_context & ctx, ggml_tensor * dst);

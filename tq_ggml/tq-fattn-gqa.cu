@@ -1,0 +1,63 @@
+// Host side of the TurboQuant GQA decode kernel (tq-fattn-gqa.cuh): which calls it takes and with
+// how many query heads per thread block.
+#include "tq-fattn-gqa.cuh"
+
+template <int D, ggml_type type_K, ggml_type type_V>
+static void tq_fattn_gqa_D(ggml_backend_cuda_context & ctx, ggml_tensor * dst, const int ncols2) {
+    switch (ncols2) {
+        case 1: tq_flash_attn_ext_gqa_case<D, 1, type_K, type_V>(ctx, dst); return;
+        case 2: tq_flash_attn_ext_gqa_case<D, 2, type_K, type_V>(ctx, dst); return;
+        case 4:
+            if constexpr (tq_fattn_gqa_fits(D, 4)) {
+                tq_flash_attn_ext_gqa_case<D, 4, type_K, type_V>(ctx, dst);
+                return;
+            }
+            break;
+        case 8:
+            if constexpr (tq_fattn_gqa_fits(D, 8)) {
+                tq_flash_attn_ext_gqa_case<D, 8, type_K, type_V>(ctx, dst);
+                return;
+            }
+            break;
+    }
+    GGML_ABORT("%s: no instance for D = %d, ncols2 = %d", __func__, D, ncols2);
+}
+
+template <ggml_type type_K, ggml_type type_V>
+static void tq_fattn_gqa_pair(ggml_backend_cuda_context & ctx, ggml_tensor * dst, const int D, const int ncols2) {
+    switch (D) {
+        case  64: tq_fattn_gqa_D< 64, type_K, type_V>(ctx, dst, ncols2); break;
+        case 128: tq_fattn_gqa_D<128, type_K, type_V>(ctx, dst, ncols2); break;
+        case 256: tq_fattn_gqa_D<256, type_K, type_V>(ctx, dst, ncols2); break;
+        default:  GGML_ABORT("%s: head size %d", __func__, D);
+    }
+}
+
+bool ggml_cuda_tq_flash_attn_ext_gqa(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
+    const ggml_tensor * Q = dst->src[0];
+    const ggml_tensor * K = dst->src[1];
+    const ggml_tensor * V = dst->src[2];
+
+    const int D = Q->ne[0];
+    if (!tq_cuda_is_turbo(K->type) || !tq_cuda_is_turbo(V->type) || Q->ne[1] != 1 ||
+        K->ne[0] != D || V->ne[0] != D || (D != 64 && D != 128 && D != 256) || Q->ne[2] % K->ne[2] != 0) {
+        return false; // upstream's vector kernel (one query head per block) takes it
+    }
+
+    // the most query heads per block that divide the group and keep Q and the sums in registers
+    const int gqa_ratio = Q->ne[2] / K->ne[2];
+    int ncols2 = 8;
+    while (ncols2 > 1 && (gqa_ratio % ncols2 != 0 || !tq_fattn_gqa_fits(D, ncols2))) {
+        ncols2 /= 2;
+    }
+
+#define TQ_FATTN_GQA_CASE(type_K_case, type_V_case)                                \
+    if (K->type == type_K_case && V->type == type_V_case) {                        \
+        tq_fattn_gqa_pair<type_K_case, type_V_case>(ctx, dst, D, ncols2);          \
+        return true;                                                               \
+    }
+    TQ_FATTN_GQA_PAIRS(TQ_FATTN_GQA_CASE)
+#undef TQ_FATTN_GQA_CASE
+
+    return false;
+}

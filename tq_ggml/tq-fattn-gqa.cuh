@@ -1,0 +1,363 @@
+// TurboQuant flash-attention decode: one query token, K and V both TurboQuant. The ncols2 query
+// heads that share a KV head run in one thread block, so every packed K and V row is loaded and
+// decoded once per KV head instead of once per query head (upstream's vector kernel handles one
+// query head per block: with GQA 4 it decodes each row 4 times, and decoding, not memory, limits
+// it). Layout as the vector kernel's f16 case: 128 threads, a tile of 128 KV rows per step; for
+// K.Q, 8 threads per row with thread g holding group g (values 8g..8g+7) of every 64-value block
+// and Q of all ncols2 heads in registers; for V, the same 8-thread split per row, each warp
+// accumulating its own 32 rows. Partial results (split KV, across warps) combine as upstream's.
+// Numerics: float throughout (scores, weights, accumulators); decoded values are d * centroid as in
+// tq-quants.c, the products only rounded in another order.
+#pragma once
+
+#include "../ggml-cuda/fattn-common.cuh"
+#include "tq-cuda.cuh"
+
+#define TQ_FATTN_GQA_NTHREADS 128
+// 3 blocks per SM: at most 168 registers. The largest variants spill a few words, and still decode
+// 4% faster at 64k tokens (H200, Llama-8B shape) than with 2 blocks of up to 255 registers; 4 blocks
+// (128 registers) spill much more and are 6% slower.
+#define TQ_FATTN_GQA_MINBLOCKS 3
+
+// ncols2 * D <= 512 keeps Q and the V accumulators in registers (64 floats each per thread)
+static constexpr __host__ __device__ bool tq_fattn_gqa_fits(const int D, const int ncols2) {
+    return ncols2 * D <= 512;
+}
+
+// sum[j] = the share of thread g (values 8g..8g+7 of each block) of K_row . Q_j
+template <int bits, int D, int ncols2>
+static __device__ __forceinline__ void tq_fattn_gqa_dot_KQ(
+        const char * __restrict__ K_row, const float2 (&Q)[ncols2][D/16], const int g, float (&sum)[ncols2]) {
+    typedef typename tq_cuda_block<bits>::type block_t;
+    constexpr uint32_t mask = (1u << bits) - 1;
+    const block_t * K = (const block_t *) K_row;
+
+#pragma unroll
+    for (int j = 0; j < ncols2; ++j) {
+        sum[j] = 0.0f;
+    }
+#pragma unroll
+    for (int ib = 0; ib < D/QK_TQ; ++ib) {
+        const uint32_t w = tq_cuda_load_group<bits>(K[ib].qs, g);
+        const float    d = __half2float(K[ib].d);
+        float s[ncols2];
+#pragma unroll
+        for (int j = 0; j < ncols2; ++j) {
+            s[j] = 0.0f;
+        }
+#pragma unroll
+        for (int l = 0; l < 8; l += 2) {
+            const float c0 = tq_fattn_cb_K[(w >> (bits*l))       & mask];
+            const float c1 = tq_fattn_cb_K[(w >> (bits*(l + 1))) & mask];
+#pragma unroll
+            for (int j = 0; j < ncols2; ++j) {
+                s[j] += Q[j][ib*4 + l/2].x * c0;
+                s[j] += Q[j][ib*4 + l/2].y * c1;
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < ncols2; ++j) {
+            sum[j] += d * s[j];
+        }
+    }
+}
+
+template <int D, int ncols2, ggml_type type_K, ggml_type type_V>
+__launch_bounds__(TQ_FATTN_GQA_NTHREADS, TQ_FATTN_GQA_MINBLOCKS)
+static __global__ void tq_flash_attn_ext_gqa(
+        const char * __restrict__ Q,
+        const char * __restrict__ K,
+        const char * __restrict__ V,
+        const char * __restrict__ mask,
+        const char * __restrict__ sinks,
+        const int  * __restrict__ KV_max,
+        float      * __restrict__ dst,
+        float2     * __restrict__ dst_meta,
+        const float scale,
+        const float max_bias,
+        const float m0,
+        const float m1,
+        const uint32_t n_head_log2,
+        const float logit_softcap,
+        const int32_t ne00, const uint3   ne01, const int32_t ne02, const int32_t ne03,
+                            const int32_t nb01, const int32_t nb02, const int32_t nb03,
+        const int32_t ne10, const int32_t ne11, const int32_t ne12, const int32_t ne13,
+                            const int32_t nb11, const int32_t nb12, const int64_t nb13,
+                            const int32_t nb21, const int32_t nb22, const int64_t nb23,
+                            const int32_t ne31, const int32_t ne32, const int32_t ne33,
+                            const int32_t nb31, const int32_t nb32, const int64_t nb33) {
+    ggml_cuda_pdl_lc();
+#ifdef FLASH_ATTN_AVAILABLE
+    static_assert(tq_cuda_is_turbo(type_K) && tq_cuda_is_turbo(type_V), "TurboQuant K and V only");
+    static_assert(D % QK_TQ == 0 && tq_fattn_gqa_fits(D, ncols2), "bad D/ncols2");
+    constexpr int bits_K   = tq_cuda_bits(type_K);
+    constexpr int bits_V   = tq_cuda_bits(type_V);
+    constexpr int nthreads = TQ_FATTN_GQA_NTHREADS;
+    constexpr int nwarps   = nthreads / WARP_SIZE;
+    constexpr int nthr_row = QK_TQ / 8;              // threads per K or V row
+    constexpr int nrows_w  = WARP_SIZE / nthr_row;   // rows a warp handles at once
+    constexpr int nblk     = D / QK_TQ;
+    constexpr uint32_t mask_V = (1u << bits_V) - 1;
+    typedef typename tq_cuda_block<bits_V>::type block_V;
+
+    tq_fattn_load_codebooks<type_K, type_V>();
+
+    const int lane = threadIdx.x;
+    const int warp = threadIdx.y;
+    const int tid  = warp*WARP_SIZE + lane;
+    const int g    = lane % nthr_row;
+
+    // blockIdx.z = (sequence*ne12 + kv_head)*ntiles_z + z: query heads head0 .. head0 + ncols2 - 1
+    const int gqa_ratio = ne02 / ne12;
+    const int ntiles_z  = gqa_ratio / ncols2;
+    const int sequence  = blockIdx.z / (ne12*ntiles_z);
+    const int kv_head   = (blockIdx.z / ntiles_z) % ne12;
+    const int head0     = kv_head*gqa_ratio + (blockIdx.z % ntiles_z)*ncols2;
+
+    Q += nb03*sequence + nb02*head0;
+    K += nb13*sequence + nb12*kv_head;
+    V += nb23*sequence + nb22*kv_head;
+    const half * maskh = mask ? (const half *) (mask + nb33*(sequence % ne33)) : nullptr;
+
+    float slope[ncols2];
+#pragma unroll
+    for (int j = 0; j < ncols2; ++j) {
+        slope[j] = get_alibi_slope(max_bias, head0 + j, n_head_log2, m0, m1);
+    }
+
+    ggml_cuda_pdl_sync();
+
+    // scaled Q: thread g holds values 8g..8g+7 of every block, for each head
+    float2 Q_reg[ncols2][D/16];
+#pragma unroll
+    for (int j = 0; j < ncols2; ++j) {
+        const float * Q_j = (const float *) (Q + j*nb02);
+#pragma unroll
+        for (int ib = 0; ib < nblk; ++ib) {
+            const float4 a = *(const float4 *) (Q_j + ib*QK_TQ + 8*g);
+            const float4 b = *(const float4 *) (Q_j + ib*QK_TQ + 8*g + 4);
+            Q_reg[j][ib*4 + 0] = make_float2(a.x*scale, a.y*scale);
+            Q_reg[j][ib*4 + 1] = make_float2(a.z*scale, a.w*scale);
+            Q_reg[j][ib*4 + 2] = make_float2(b.x*scale, b.y*scale);
+            Q_reg[j][ib*4 + 3] = make_float2(b.z*scale, b.w*scale);
+        }
+    }
+
+    float VKQ[ncols2][nblk*8]; // thread g: values ib*64 + 8g + l
+    float KQ_max[ncols2];
+    float KQ_sum[ncols2];
+#pragma unroll
+    for (int j = 0; j < ncols2; ++j) {
+        KQ_max[j] = -FLT_MAX/2.0f;
+        KQ_sum[j] = 0.0f;
+#pragma unroll
+        for (int i = 0; i < nblk*8; ++i) {
+            VKQ[j][i] = 0.0f;
+        }
+    }
+
+    __shared__ float KQ[ncols2][nthreads];
+
+    const int k_VKQ_max = KV_max ? KV_max[sequence*gridDim.x + blockIdx.x] : ne11;
+    for (int k0 = blockIdx.y*nthreads; k0 < k_VKQ_max; k0 += gridDim.y*nthreads) {
+        // K.Q: the 8-thread group at lane & ~7 computes the rows warp*32 + (lane & ~7) + r; lane keeps row r == g
+        float KQ_reg[ncols2];
+        float KQ_max_new[ncols2];
+#pragma unroll
+        for (int j = 0; j < ncols2; ++j) {
+            KQ_reg[j]     = 0.0f;
+            KQ_max_new[j] = KQ_max[j];
+        }
+#pragma unroll
+        for (int r = 0; r < nthr_row; ++r) {
+            const int k = k0 + warp*WARP_SIZE + (lane & ~(nthr_row - 1)) + r;
+            float sum[ncols2];
+            tq_fattn_gqa_dot_KQ<bits_K, D, ncols2>(K + (int64_t) k*nb11, Q_reg, g, sum);
+            const float m = maskh ? __half2float(maskh[k]) : 0.0f;
+#pragma unroll
+            for (int j = 0; j < ncols2; ++j) {
+                sum[j] = warp_reduce_sum<nthr_row>(sum[j]);
+                if (logit_softcap != 0.0f) {
+                    sum[j] = logit_softcap*tanhf(sum[j]);
+                }
+                sum[j] += slope[j]*m;
+                KQ_max_new[j] = fmaxf(KQ_max_new[j], sum[j] + FATTN_KQ_MAX_OFFSET);
+                if (g == r) {
+                    KQ_reg[j] = sum[j];
+                }
+            }
+        }
+
+#pragma unroll
+        for (int j = 0; j < ncols2; ++j) {
+#pragma unroll
+            for (int offset = nthr_row; offset < WARP_SIZE; offset <<= 1) {
+                KQ_max_new[j] = fmaxf(KQ_max_new[j], __shfl_xor_sync(0xFFFFFFFF, KQ_max_new[j], offset, WARP_SIZE));
+            }
+            const float KQ_max_scale = expf(KQ_max[j] - KQ_max_new[j]);
+            KQ_max[j] = KQ_max_new[j];
+
+            KQ_reg[j] = expf(KQ_reg[j] - KQ_max[j]);
+            KQ_sum[j] = KQ_sum[j]*KQ_max_scale + KQ_reg[j];
+            KQ[j][tid] = KQ_reg[j];
+#pragma unroll
+            for (int i = 0; i < nblk*8; ++i) {
+                VKQ[j][i] *= KQ_max_scale;
+            }
+        }
+
+        __syncwarp();
+
+        // V: the warp's own 32 rows, nrows_w at a time; 8 threads per row
+#pragma unroll
+        for (int r0 = 0; r0 < WARP_SIZE; r0 += nrows_w) {
+            const int i_KQ = warp*WARP_SIZE + r0 + lane/nthr_row;
+            const block_V * V_row = (const block_V *) (V + (int64_t) (k0 + i_KQ)*nb21);
+            float w[ncols2];
+#pragma unroll
+            for (int j = 0; j < ncols2; ++j) {
+                w[j] = KQ[j][i_KQ];
+            }
+#pragma unroll
+            for (int ib = 0; ib < nblk; ++ib) {
+                const uint32_t q = tq_cuda_load_group<bits_V>(V_row[ib].qs, g);
+                const float    d = __half2float(V_row[ib].d);
+                float wd[ncols2];
+#pragma unroll
+                for (int j = 0; j < ncols2; ++j) {
+                    wd[j] = w[j]*d;
+                }
+#pragma unroll
+                for (int l = 0; l < 8; ++l) {
+                    const float c = tq_fattn_cb_V[(q >> (bits_V*l)) & mask_V];
+#pragma unroll
+                    for (int j = 0; j < ncols2; ++j) {
+                        VKQ[j][ib*8 + l] += c*wd[j];
+                    }
+                }
+            }
+        }
+
+        __syncwarp();
+    }
+
+    if (sinks && blockIdx.y == 0) {
+        // every warp rescales to the sink; its weight is counted once (thread 0)
+#pragma unroll
+        for (int j = 0; j < ncols2; ++j) {
+            const float sink        = ((const float *) sinks)[head0 + j];
+            const float kqmax_new_j = fmaxf(sink, KQ_max[j]);
+            const float s           = expf(KQ_max[j] - kqmax_new_j);
+            KQ_max[j] = kqmax_new_j;
+            KQ_sum[j] = KQ_sum[j]*s + (tid == 0 ? expf(sink - KQ_max[j]) : 0.0f);
+#pragma unroll
+            for (int i = 0; i < nblk*8; ++i) {
+                VKQ[j][i] *= s;
+            }
+        }
+    }
+
+    // combine the warps (and the row slots within a warp), one head at a time
+    __shared__ float KQ_max_shared[ncols2][WARP_SIZE];
+    __shared__ float KQ_sum_shared[ncols2][WARP_SIZE];
+    __shared__ float VKQ_parts[nwarps*nrows_w][D];
+#pragma unroll
+    for (int j = 0; j < ncols2; ++j) {
+        if (warp == 0) {
+            KQ_max_shared[j][lane] = -FLT_MAX/2.0f;
+            KQ_sum_shared[j][lane] = 0.0f;
+        }
+    }
+    __syncthreads();
+#pragma unroll
+    for (int j = 0; j < ncols2; ++j) {
+        if (lane == 0) {
+            KQ_max_shared[j][warp] = KQ_max[j];
+        }
+    }
+    __syncthreads();
+
+#pragma unroll
+    for (int j = 0; j < ncols2; ++j) {
+        const float kqmax       = warp_reduce_max(KQ_max_shared[j][lane]);
+        const float kqmax_scale = expf(KQ_max[j] - kqmax);
+
+        float * part = VKQ_parts[warp*nrows_w + lane/nthr_row];
+#pragma unroll
+        for (int ib = 0; ib < nblk; ++ib) {
+            float4 a;
+            float4 b;
+            a.x = VKQ[j][ib*8 + 0]*kqmax_scale; a.y = VKQ[j][ib*8 + 1]*kqmax_scale;
+            a.z = VKQ[j][ib*8 + 2]*kqmax_scale; a.w = VKQ[j][ib*8 + 3]*kqmax_scale;
+            b.x = VKQ[j][ib*8 + 4]*kqmax_scale; b.y = VKQ[j][ib*8 + 5]*kqmax_scale;
+            b.z = VKQ[j][ib*8 + 6]*kqmax_scale; b.w = VKQ[j][ib*8 + 7]*kqmax_scale;
+            *(float4 *) (part + ib*QK_TQ + 8*g)     = a;
+            *(float4 *) (part + ib*QK_TQ + 8*g + 4) = b;
+        }
+        const float sum_w = warp_reduce_sum(KQ_sum[j]*kqmax_scale);
+        if (lane == 0) {
+            KQ_sum_shared[j][warp] = sum_w;
+        }
+        __syncthreads();
+
+        const float kqsum = warp_reduce_sum(KQ_sum_shared[j][lane]);
+        const int64_t row = ((int64_t) (sequence*int(ne01.z))*ne02 + head0 + j)*gridDim.y + blockIdx.y;
+#pragma unroll
+        for (int i0 = 0; i0 < D; i0 += nthreads) {
+            const int i = i0 + tid;
+            if (i0 + nthreads <= D || i < D) {
+                float v = 0.0f;
+#pragma unroll
+                for (int s = 0; s < nwarps*nrows_w; ++s) {
+                    v += VKQ_parts[s][i];
+                }
+                dst[row*D + i] = gridDim.y == 1 ? v/kqsum : v;
+            }
+        }
+        if (gridDim.y != 1 && tid == 0) {
+            dst_meta[row] = make_float2(kqmax, kqsum);
+        }
+        __syncthreads();
+    }
+#else
+    GGML_UNUSED_VARS(Q, K, V, mask, sinks, KV_max, dst, dst_meta, scale,
+        max_bias, m0, m1, n_head_log2, logit_softcap,
+        ne00, ne01, ne02, ne03,
+              nb01, nb02, nb03,
+        ne10, ne11, ne12, ne13,
+              nb11, nb12, nb13,
+              nb21, nb22, nb23,
+              ne31, ne32, ne33,
+              nb31, nb32, nb33);
+    NO_DEVICE_CODE;
+#endif // FLASH_ATTN_AVAILABLE
+}
+
+template <int D, int ncols2, ggml_type type_K, ggml_type type_V>
+void tq_flash_attn_ext_gqa_case(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
+    static_assert(tq_fattn_gqa_fits(D, ncols2), "bad D/ncols2");
+    constexpr int nwarps = TQ_FATTN_GQA_NTHREADS / WARP_SIZE;
+    launch_fattn<D, 1, ncols2>(ctx, dst, tq_flash_attn_ext_gqa<D, ncols2, type_K, type_V>, nwarps, 0,
+                               TQ_FATTN_GQA_NTHREADS, false, false, false, false);
+}
+
+// all head sizes and head groupings of one K/V pair (instances in fattn-gqa/, one file per pair)
+#define TQ_FATTN_GQA_DECL_PAIR(PREFIX, type_K, type_V)                                                              \
+    PREFIX template void tq_flash_attn_ext_gqa_case< 64, 1, type_K, type_V>(ggml_backend_cuda_context &, ggml_tensor *); \
+    PREFIX template void tq_flash_attn_ext_gqa_case< 64, 2, type_K, type_V>(ggml_backend_cuda_context &, ggml_tensor *); \
+    PREFIX template void tq_flash_attn_ext_gqa_case< 64, 4, type_K, type_V>(ggml_backend_cuda_context &, ggml_tensor *); \
+    PREFIX template void tq_flash_attn_ext_gqa_case< 64, 8, type_K, type_V>(ggml_backend_cuda_context &, ggml_tensor *); \
+    PREFIX template void tq_flash_attn_ext_gqa_case<128, 1, type_K, type_V>(ggml_backend_cuda_context &, ggml_tensor *); \
+    PREFIX template void tq_flash_attn_ext_gqa_case<128, 2, type_K, type_V>(ggml_backend_cuda_context &, ggml_tensor *); \
+    PREFIX template void tq_flash_attn_ext_gqa_case<128, 4, type_K, type_V>(ggml_backend_cuda_context &, ggml_tensor *); \
+    PREFIX template void tq_flash_attn_ext_gqa_case<256, 1, type_K, type_V>(ggml_backend_cuda_context &, ggml_tensor *); \
+    PREFIX template void tq_flash_attn_ext_gqa_case<256, 2, type_K, type_V>(ggml_backend_cuda_context &, ggml_tensor *);
+
+#define TQ_FATTN_GQA_PAIRS(X)                                                                     \
+    X(GGML_TYPE_TURBO2_0, GGML_TYPE_TURBO2_0) X(GGML_TYPE_TURBO2_0, GGML_TYPE_TURBO3_0) X(GGML_TYPE_TURBO2_0, GGML_TYPE_TURBO4_0) \
+    X(GGML_TYPE_TURBO3_0, GGML_TYPE_TURBO2_0) X(GGML_TYPE_TURBO3_0, GGML_TYPE_TURBO3_0) X(GGML_TYPE_TURBO3_0, GGML_TYPE_TURBO4_0) \
+    X(GGML_TYPE_TURBO4_0, GGML_TYPE_TURBO2_0) X(GGML_TYPE_TURBO4_0, GGML_TYPE_TURBO3_0) X(GGML_TYPE_TURBO4_0, GGML_TYPE_TURBO4_0)
+
+#define TQ_FATTN_GQA_EXTERN(type_K, type_V) TQ_FATTN_GQA_DECL_PAIR(extern, type_K, type_V)
+TQ_FATTN_GQA_PAIRS(TQ_FATTN_GQA_EXTERN)
+#undef TQ_FATTN_GQA_EXTERN
