@@ -36,7 +36,7 @@ def _ppl(a: argparse.Namespace) -> None:
 
 def _niah(a: argparse.Namespace) -> None:
     outcomes = niah.run(a.model, a.text, a.lengths, a.depths, a.seeds, a.configs, a.out, a.cache)
-    print(niah.summary(outcomes, f"{a.model}-{a.text}"))
+    print(niah.summary(outcomes, f"{a.model}-{a.text}", quality.layer_count(assets.model(a.model))))
 
 
 def _parity(a: argparse.Namespace) -> None:
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     d.set_defaults(fn=_demo)
 
     q = _run_parser(sub, "ppl", "perplexity / KL divergence of cache configurations against f16", ctx=2048,
-                    configs=list(quality.DEFAULT_CONFIGS), metavar="K/V[:norot|:nooff]")
+                    configs=list(quality.DEFAULT_CONFIGS), metavar="K/V[:norot|:nooff|:bN]")
     q.add_argument("--out", type=Path, default=build.REPO / "results" / "quality")
     q.set_defaults(fn=_ppl)
 
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     n.add_argument("--lengths", type=int, nargs="+", default=list(niah.DEFAULT_LENGTHS), metavar="TOKENS")
     n.add_argument("--depths", type=int, nargs="+", default=list(niah.DEFAULT_DEPTHS), metavar="PERCENT")
     n.add_argument("--seeds", type=int, default=3, help="needles (passwords) per grid point")
-    n.add_argument("--configs", nargs="+", default=list(niah.DEFAULT_CONFIGS), metavar="K/V[:norot|:nooff]")
+    n.add_argument("--configs", nargs="+", default=list(niah.DEFAULT_CONFIGS), metavar="K/V[:norot|:nooff|:bN]")
     n.add_argument("--out", type=Path, default=build.REPO / "results" / "niah")
     n.add_argument("--cache", type=Path, help="per-point outcomes (default: the tqkv cache dir's niah/)")
     n.set_defaults(fn=_niah)

@@ -45,7 +45,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from . import assets, build, runner
-from .quality import Config
+from .quality import Config, layer_count
 
 DEFAULT_CONFIGS: tuple[str, ...] = ("f16/f16", "tq4_0/tq4_0", "tq3_0/tq2_0", "q4_0/q4_0")
 DEFAULT_LENGTHS: tuple[int, ...] = (1024, 2048, 4096, 8192)
@@ -247,7 +247,7 @@ def run(model_name: str, text_name: str, lengths: list[int], depths: list[int], 
     cache = cache or assets.cache_dir() / "niah"
     cache.mkdir(parents=True, exist_ok=True)
     outcomes = [o for c in cfgs for o in run_config(model, c, points, cache)]
-    write_report(outcomes, out_dir, f"{model_name}-{text_name}")
+    write_report(outcomes, out_dir, f"{model_name}-{text_name}", layer_count(model))
     return outcomes
 
 
@@ -265,7 +265,7 @@ def _axes(outcomes: list[Outcome]) -> tuple[list[int], list[int], int]:
     return sorted({o.length for o in outcomes}), sorted({o.depth for o in outcomes}), len({o.seed for o in outcomes})
 
 
-def summary(outcomes: list[Outcome], title: str) -> str:
+def summary(outcomes: list[Outcome], title: str, n_layer: int) -> str:
     cells = _cells(outcomes)
     base = cells[BASE]
     lengths, depths, seeds = _axes(outcomes)
@@ -275,7 +275,7 @@ def summary(outcomes: list[Outcome], title: str) -> str:
              "| K / V | bits/value | passed | vs f16 |", "|---|---|---|---|"]
     for name, cell in cells.items():
         total, delta = sum(cell.values()), sum(cell.values()) - sum(base.values())
-        lines.append(f"| {name} | {Config.parse(name).bits:.2f} | {total}/{len(cell) * seeds} | "
+        lines.append(f"| {name} | {Config.parse(name).bits(n_layer):.2f} | {total}/{len(cell) * seeds} | "
                      f"{'' if name == BASE else f'{delta:+d}'} |")
     diffs = [f"| {name} | {length} | {depth}% | {cell[length, depth]}/{seeds} | {base[length, depth]}/{seeds} |"
              for name, cell in cells.items() for (length, depth) in sorted(cell)
@@ -285,9 +285,9 @@ def summary(outcomes: list[Outcome], title: str) -> str:
     return "\n".join(lines)
 
 
-def write_report(outcomes: list[Outcome], out_dir: Path, stem: str) -> None:
+def write_report(outcomes: list[Outcome], out_dir: Path, stem: str, n_layer: int) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{stem}.md").write_text(summary(outcomes, stem) + "\n")
+    (out_dir / f"{stem}.md").write_text(summary(outcomes, stem, n_layer) + "\n")
     (out_dir / f"{stem}.json").write_text(json.dumps([asdict(o) for o in outcomes], indent=1) + "\n")
     lengths, depths, seeds = _axes(outcomes)
     for name, cell in _cells(outcomes).items():

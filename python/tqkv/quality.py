@@ -2,7 +2,9 @@
 
 The f16 logits of a model on a text are saved once (llama-perplexity --kl-divergence-base);
 every configuration is then scored against them on the same tokens. Results are cached per
-configuration, so an interrupted run resumes where it stopped.
+configuration, so an interrupted run resumes where it stopped. A report (model, text, ctx) keeps
+the rows of earlier runs that this run did not score again, so boundary-layer rows can be added to
+a table without recomputing it (a row is as valid as the build that made it).
 """
 
 from __future__ import annotations
@@ -17,13 +19,16 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import gguf
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from . import assets, build, runner
-from .types import cache_type
+from .types import TQ2_0, TQ3_0, TQ4_0, cache_type
+
+TQ_IDS = (TQ2_0, TQ3_0, TQ4_0)
 
 # upstream types with their rotation (q4_0 also without it), then TQ types, symmetric and mixed
 DEFAULT_CONFIGS: tuple[str, ...] = (
@@ -46,6 +51,9 @@ FLAGS = {
     "norot": {"LLAMA_ATTN_ROT_DISABLE": "1"},  # no Hadamard rotation of Q/K/V
     "nooff": {"LLAMA_TQ_K_OFFSET": "0"},       # TurboQuant K without the key offset
 }
+# :bN, boundary layers (patches/0008): the first N and the last N layers of the model store a
+# TurboQuant K or V cache as q8_0
+BOUNDARY = re.compile(r"b([1-9][0-9]*)")
 
 
 @dataclass(frozen=True)
@@ -58,8 +66,9 @@ class Config:
     def parse(cls, s: str) -> "Config":
         kv, _, flag = s.partition(":")
         k, sep, v = kv.partition("/")
-        if not sep or (flag and flag not in FLAGS):
-            raise ValueError(f"bad configuration {s!r}: expected K/V or K/V:flag, flag one of {', '.join(FLAGS)}")
+        if not sep or (flag and flag not in FLAGS and not BOUNDARY.fullmatch(flag)):
+            raise ValueError(f"bad configuration {s!r}: expected K/V or K/V:flag, flag one of "
+                             f"{', '.join(FLAGS)} or bN (N >= 1 boundary layers)")
         cache_type(k), cache_type(v)  # unknown names fail here, before any run
         return cls(k, v, flag)
 
@@ -68,12 +77,35 @@ class Config:
         return f"{self.k}/{self.v}" + (f":{self.flag}" if self.flag else "")
 
     @property
-    def env(self) -> dict[str, str]:
-        return FLAGS.get(self.flag, {})
+    def boundary(self) -> int:
+        """Boundary layers at each end of the model whose TurboQuant K/V cache is q8_0 (0: none)."""
+        m = BOUNDARY.fullmatch(self.flag)
+        return int(m.group(1)) if m else 0
 
     @property
-    def bits(self) -> float:
-        return (cache_type(self.k).bits_per_value + cache_type(self.v).bits_per_value) / 2
+    def env(self) -> dict[str, str]:
+        if self.boundary:
+            return {"LLAMA_TQ_BOUNDARY_LAYERS": str(self.boundary)}
+        return FLAGS.get(self.flag, {})
+
+    def bits(self, n_layer: int) -> float:
+        """Bits per value, K and V averaged over the model's n_layer layers (all of them hold a cache)."""
+        n_q8 = min(2 * self.boundary, n_layer)
+
+        def per_value(name: str) -> float:
+            t = cache_type(name)
+            if t.ggml_id not in TQ_IDS:
+                return t.bits_per_value
+            return ((n_layer - n_q8) * t.bits_per_value + n_q8 * cache_type("q8_0").bits_per_value) / n_layer
+
+        return (per_value(self.k) + per_value(self.v)) / 2
+
+
+def layer_count(model: Path) -> int:
+    """The model's layer count (GGUF block_count)."""
+    r = gguf.GGUFReader(str(model))
+    arch = r.fields["general.architecture"].contents()
+    return int(r.fields[f"{arch}.block_count"].contents())
 
 
 @dataclass(frozen=True)
@@ -121,7 +153,7 @@ def score(model: Path, base: Path, cfg: Config, cache: Path, ctx: int) -> Score:
         if not m:
             raise RuntimeError(f"no {field} in llama-perplexity output for {cfg.name}:\n{log[-3000:]}")
         vals[field] = float(m.group(1))
-    s = Score(cfg.name, cfg.bits, **vals)
+    s = Score(cfg.name, cfg.bits(layer_count(model)), **vals)
     out.write_text(json.dumps(asdict(s)))
     return s
 
@@ -143,8 +175,20 @@ def run(model_name: str, text_name: str, ctx: int, chunks: int, configs: list[st
     cache.mkdir(parents=True, exist_ok=True)
     base = base_logits(model, text, ctx, chunks, cache)
     scores = [score(model, base, c, cache, ctx) for c in cfgs]
-    write_report(scores, out_dir, f"{model_name}-{text_name}-c{ctx}")
+    stem = f"{model_name}-{text_name}-c{ctx}"
+    write_report(merge(load_report(out_dir, stem), scores), out_dir, stem)
     return scores
+
+
+def load_report(out_dir: Path, stem: str) -> list[Score]:
+    path = out_dir / f"{stem}.json"
+    return [Score(**d) for d in json.loads(path.read_text())] if path.exists() else []
+
+
+def merge(old: list[Score], new: list[Score]) -> list[Score]:
+    """The report's rows: a configuration scored again replaces its row, every other row is kept."""
+    by = {s.config: s for s in old} | {s.config: s for s in new}
+    return list(by.values())
 
 
 # upstream's rate-distortion reference: the log-linear KLD-versus-bits line through these two
@@ -178,8 +222,9 @@ def write_report(scores: list[Score], out_dir: Path, stem: str) -> None:
     (out_dir / f"{stem}.json").write_text(json.dumps([asdict(s) for s in scores], indent=1) + "\n")
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for s in scores:
-        tq = "tq" in s.config
-        ax.scatter(s.bits, s.kld_mean, marker="o" if tq else "s", color="C1" if tq else "C0")
+        boundary, tq = Config.parse(s.config).boundary, "tq" in s.config  # triangles: boundary layers in q8_0
+        marker, color = ("^", "C2") if boundary else ("o", "C1") if tq else ("s", "C0")
+        ax.scatter(s.bits, s.kld_mean, marker=marker, color=color)
         ax.annotate(s.config, (s.bits, s.kld_mean), fontsize=7, xytext=(3, 3), textcoords="offset points")
     line = rd_line(scores)
     if line:
