@@ -44,10 +44,18 @@ bool ggml_cuda_tq_flash_attn_ext_gqa(ggml_backend_cuda_context & ctx, ggml_tenso
         return false; // upstream's vector kernel (one query head per block) takes it
     }
 
-    // the most query heads per block that divide the group and keep Q and the sums in registers
+    // the most query heads per block that divide the group and keep Q and the sums in registers,
+    // fewer while the grid would not fill two waves of the GPU: with a short cache each block has
+    // one or two tiles, and its latency, not the decode work, sets the time (H100, Llama-8B shape,
+    // tq3_0/tq2_0 at 0 / 8192 tokens: 4 heads 265.8 / 237.6 t/s, 2 heads 274.9 / 248.3, 1 head
+    // 283.7 / 241.0; at 32k and beyond 4 heads are fastest)
     const int gqa_ratio = Q->ne[2] / K->ne[2];
+    const int nsm       = ggml_cuda_info().devices[ggml_cuda_get_device()].nsm;
+    const int64_t ntiles_kv = (K->ne[1] + TQ_FATTN_GQA_NTHREADS - 1) / TQ_FATTN_GQA_NTHREADS;
+    const int64_t nblocks_2waves = 2*TQ_FATTN_GQA_MINBLOCKS*nsm;
     int ncols2 = 8;
-    while (ncols2 > 1 && (gqa_ratio % ncols2 != 0 || !tq_fattn_gqa_fits(D, ncols2))) {
+    while (ncols2 > 1 && (gqa_ratio % ncols2 != 0 || !tq_fattn_gqa_fits(D, ncols2) ||
+                          K->ne[2]*Q->ne[3]*(gqa_ratio/ncols2)*ntiles_kv < nblocks_2waves)) {
         ncols2 /= 2;
     }
 
