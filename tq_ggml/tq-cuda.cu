@@ -2,9 +2,8 @@
 // them. A warp (or, for a few blocks, a thread block) encodes one 64-value block, lane l holding
 // values 2l and 2l+1, with the scale search of tq-quants.c: float thresholds from correctly
 // rounded products (__fmul_rn/__fdiv_rn, as this file is built with fast math), float64 sums, the
-// same tie rule. Only the order of the
-// float64 sums differs (a butterfly instead of a loop); the tie rule is 1e-9 relative, far above
-// that rounding, so the bytes match the CPU's.
+// same tie rule. Only the order of the float64 sums differs (a butterfly instead of a loop); the
+// tie rule is 1e-9 relative, far above that rounding, so the bytes match the CPU's.
 #include "tq-cuda.cuh"
 
 static __constant__ float tq_cuda_boundaries_2[3]  = TQ_BOUNDARIES_2;
