@@ -50,6 +50,9 @@ def test_rotation_is_llamas_and_exact() -> None:
     assert (rotated - plain).abs().max() < 0.05 * plain.abs().max()  # q8_0 noise only
     offset = reference.attention(q, k, v, "q8_0", "q8_0", 0.1, k_offset=k.mean(0) * 3)
     assert (offset - plain).abs().max() < 0.05 * plain.abs().max()  # a K offset leaves softmax unchanged
+    scale = torch.rand(2, 128, generator=g) * 4 + 0.25
+    scaled = reference.attention(q, k, v, "q8_0", "q8_0", 0.1, k_offset=k.mean(0), k_scale=scale)
+    assert (scaled - plain).abs().max() < 0.05 * plain.abs().max()  # so does a K channel scale
 
 
 def test_quantize_and_dequantize_paths(cpu: Backend, real: list[parity.RealLayer]) -> None:

@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     d.set_defaults(fn=_demo)
 
     q = _run_parser(sub, "ppl", "perplexity / KL divergence of cache configurations against f16", ctx=2048,
-                    configs=list(quality.DEFAULT_CONFIGS), metavar="K/V[:norot|:nooff|:bN]")
+                    configs=list(quality.DEFAULT_CONFIGS), metavar="K/V[:norot|:nooff|:noscale|:bN]")
     q.add_argument("--out", type=Path, default=build.REPO / "results" / "quality")
     q.set_defaults(fn=_ppl)
 
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     n.add_argument("--lengths", type=int, nargs="+", default=list(niah.DEFAULT_LENGTHS), metavar="TOKENS")
     n.add_argument("--depths", type=int, nargs="+", default=list(niah.DEFAULT_DEPTHS), metavar="PERCENT")
     n.add_argument("--seeds", type=int, default=3, help="needles (passwords) per grid point")
-    n.add_argument("--configs", nargs="+", default=list(niah.DEFAULT_CONFIGS), metavar="K/V[:norot|:nooff|:bN]")
+    n.add_argument("--configs", nargs="+", default=list(niah.DEFAULT_CONFIGS), metavar="K/V[:norot|:nooff|:noscale|:bN]")
     n.add_argument("--out", type=Path, default=build.REPO / "results" / "niah")
     n.add_argument("--cache", type=Path, help="per-point outcomes (default: the tqkv cache dir's niah/)")
     n.set_defaults(fn=_niah)

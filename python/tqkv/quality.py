@@ -33,7 +33,7 @@ TQ_IDS = (TQ2_0, TQ3_0, TQ4_0)
 # upstream types with their rotation (q4_0 also without it), then TQ types, symmetric and mixed
 DEFAULT_CONFIGS: tuple[str, ...] = (
     "q8_0/q8_0", "q5_1/q5_1", "q5_0/q5_0", "q4_1/q4_1", "iq4_nl/iq4_nl", "q4_0/q4_0", "q4_0/q4_0:norot",
-    "tq4_0/tq4_0", "tq4_0/tq4_0:nooff", "tq3_0/tq3_0", "tq2_0/tq2_0",
+    "tq4_0/tq4_0", "tq4_0/tq4_0:nooff", "tq3_0/tq3_0", "tq3_0/tq3_0:noscale", "tq2_0/tq2_0",
     "tq4_0/tq3_0", "tq3_0/tq2_0", "tq4_0/tq2_0", "q8_0/tq4_0", "q8_0/tq3_0", "q8_0/tq2_0",
 )
 
@@ -49,7 +49,8 @@ _FIELDS = {
 # configuration flags: the llama.cpp switch each one sets
 FLAGS = {
     "norot": {"LLAMA_ATTN_ROT_DISABLE": "1"},  # no Hadamard rotation of Q/K/V
-    "nooff": {"LLAMA_TQ_K_OFFSET": "0"},       # TurboQuant K without the key offset
+    "nooff": {"LLAMA_TQ_K_OFFSET": "0"},       # TurboQuant K without the key offset (and scale)
+    "noscale": {"LLAMA_TQ_K_SCALE": "0"},      # TurboQuant K without the key channel scale
 }
 # :bN, boundary layers (patches/0008): the first N and the last N layers of the model store a
 # TurboQuant K or V cache as q8_0

@@ -244,14 +244,19 @@ def store(x: torch.Tensor, type_name: str) -> torch.Tensor:
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, type_k: str, type_v: str, scale: float,
-              mask: torch.Tensor | None = None, k_offset: torch.Tensor | None = None) -> torch.Tensor:
+              mask: torch.Tensor | None = None, k_offset: torch.Tensor | None = None,
+              k_scale: torch.Tensor | None = None) -> torch.Tensor:
     """One llama.cpp attention layer over a cache of type_k/type_v (shapes as flash_attn_ext).
 
-    Rotation as llama.cpp applies it for quantized caches (see above); k_offset [n_head_kv, D]
-    (rotated space) is subtracted before K is stored, as a TQ K cache does. Returns float64.
+    Rotation as llama.cpp applies it for quantized caches (see above); as a TQ K cache does,
+    k_scale [n_head_kv, D] multiplies K and divides Q before the rotation, and k_offset
+    [n_head_kv, D] (rotated space) is subtracted before K is stored. Returns float64.
     """
     rot_k = type_k != "f16"
     rot_v = type_v != "f16"
+    if k_scale is not None:
+        q = q.double() / k_scale.double().repeat_interleave(q.shape[1] // k.shape[1], dim=0)[None]
+        k = k.double() * k_scale.double()[None]
     if rot_k:
         n = k_rotation_size(q.shape[-1])
         q, k = rotate(q, n), rotate(k, n)
