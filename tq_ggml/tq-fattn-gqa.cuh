@@ -3,9 +3,9 @@
 // decoded once per KV head instead of once per query head (upstream's vector kernel handles one
 // query head per block: with GQA 4 it decodes each row 4 times, and decoding, not memory, limits
 // it). Layout as the vector kernel's f16 case: 128 threads, a tile of 128 KV rows per step; for
-// K.Q, 8 threads per row with thread g holding group g (values 8g..8g+7) of every 64-value block
-// and Q of all ncols2 heads in registers; for V, the same 8-thread split per row, each warp
-// accumulating its own 32 rows. Partial results (split KV, across warps) combine as upstream's.
+// K.Q, 8 threads per row with thread g taking group g (values 8g..8g+7) of every 64-value block,
+// Q of all ncols2 heads in shared memory; for V, the same 8-thread split per row, each warp
+// accumulating its own 32 rows in registers. Partial results (split KV, across warps) combine as upstream's.
 // Numerics: float throughout (scores, weights, accumulators); decoded values are d * centroid as in
 // tq-quants.c, the products only rounded in another order.
 #pragma once
@@ -16,7 +16,7 @@
 #define TQ_FATTN_GQA_NTHREADS 128
 // 3 blocks per SM: at most 168 registers. The largest variants spill a few words, and still decode
 // 4% faster at 64k tokens (H200, Llama-8B shape) than with 2 blocks of up to 255 registers; 4 blocks
-// (128 registers) spill much more and are 6% slower.
+// (128 registers, K rows one at a time so that they fit) are 10% slower at 32k and 64k (H100).
 #define TQ_FATTN_GQA_MINBLOCKS 3
 
 // ncols2 * D <= 512 keeps Q and the V accumulators in registers (64 floats each per thread)
@@ -24,10 +24,12 @@ static constexpr __host__ __device__ bool tq_fattn_gqa_fits(const int D, const i
     return ncols2 * D <= 512;
 }
 
-// sum[j] = the share of thread g (values 8g..8g+7 of each block) of K_row . Q_j
+// sum[j] = the share of thread g (values 8g..8g+7 of each block) of K_row . Q_j, Q (scaled) in
+// shared memory: the 8 threads of a row read 8 different float4 pairs, the row groups of a warp
+// the same ones (broadcast)
 template <int bits, int D, int ncols2>
 static __device__ __forceinline__ void tq_fattn_gqa_dot_KQ(
-        const char * __restrict__ K_row, const float2 (&Q)[ncols2][D/16], const int g, float (&sum)[ncols2]) {
+        const char * __restrict__ K_row, const float (* __restrict__ Q)[D], const int g, float (&sum)[ncols2]) {
     typedef typename tq_cuda_block<bits>::type block_t;
     constexpr uint32_t mask = (1u << bits) - 1;
     const block_t * K = (const block_t *) K_row;
@@ -40,24 +42,19 @@ static __device__ __forceinline__ void tq_fattn_gqa_dot_KQ(
     for (int ib = 0; ib < D/QK_TQ; ++ib) {
         const uint32_t w = tq_cuda_load_group<bits>(K[ib].qs, g);
         const float    d = __half2float(K[ib].d);
-        float s[ncols2];
+        float c[8];
 #pragma unroll
-        for (int j = 0; j < ncols2; ++j) {
-            s[j] = 0.0f;
-        }
-#pragma unroll
-        for (int l = 0; l < 8; l += 2) {
-            const float c0 = tq_fattn_cb_K[(w >> (bits*l))       & mask];
-            const float c1 = tq_fattn_cb_K[(w >> (bits*(l + 1))) & mask];
-#pragma unroll
-            for (int j = 0; j < ncols2; ++j) {
-                s[j] += Q[j][ib*4 + l/2].x * c0;
-                s[j] += Q[j][ib*4 + l/2].y * c1;
-            }
+        for (int l = 0; l < 8; ++l) {
+            c[l] = tq_fattn_cb_K[(w >> (bits*l)) & mask];
         }
 #pragma unroll
         for (int j = 0; j < ncols2; ++j) {
-            sum[j] += d * s[j];
+            const float4 a = *(const float4 *) (Q[j] + ib*QK_TQ + 8*g);
+            const float4 b = *(const float4 *) (Q[j] + ib*QK_TQ + 8*g + 4);
+            float s = 0.0f;
+            s += a.x*c[0]; s += a.y*c[1]; s += a.z*c[2]; s += a.w*c[3];
+            s += b.x*c[4]; s += b.y*c[5]; s += b.z*c[6]; s += b.w*c[7];
+            sum[j] += d * s;
         }
     }
 }
@@ -127,21 +124,15 @@ static __global__ void tq_flash_attn_ext_gqa(
 
     ggml_cuda_pdl_sync();
 
-    // scaled Q: thread g holds values 8g..8g+7 of every block, for each head
-    float2 Q_reg[ncols2][D/16];
-#pragma unroll
-    for (int j = 0; j < ncols2; ++j) {
-        const float * Q_j = (const float *) (Q + j*nb02);
-#pragma unroll
-        for (int ib = 0; ib < nblk; ++ib) {
-            const float4 a = *(const float4 *) (Q_j + ib*QK_TQ + 8*g);
-            const float4 b = *(const float4 *) (Q_j + ib*QK_TQ + 8*g + 4);
-            Q_reg[j][ib*4 + 0] = make_float2(a.x*scale, a.y*scale);
-            Q_reg[j][ib*4 + 1] = make_float2(a.z*scale, a.w*scale);
-            Q_reg[j][ib*4 + 2] = make_float2(b.x*scale, b.y*scale);
-            Q_reg[j][ib*4 + 3] = make_float2(b.z*scale, b.w*scale);
-        }
+    // scaled Q of the block's heads, in shared memory (registers hold the V sums)
+    __shared__ float Q_sh[ncols2][D];
+    for (int i = tid; i < ncols2*D/4; i += nthreads) {
+        const int j = i / (D/4);
+        float4 q = *(const float4 *) ((const float *) (Q + j*nb02) + 4*(i % (D/4)));
+        q.x *= scale; q.y *= scale; q.z *= scale; q.w *= scale;
+        *(float4 *) &Q_sh[j][4*(i % (D/4))] = q;
     }
+    __syncthreads();
 
     float VKQ[ncols2][nblk*8]; // thread g: values ib*64 + 8g + l
     float KQ_max[ncols2];
@@ -172,7 +163,7 @@ static __global__ void tq_flash_attn_ext_gqa(
         for (int r = 0; r < nthr_row; ++r) {
             const int k = k0 + warp*WARP_SIZE + (lane & ~(nthr_row - 1)) + r;
             float sum[ncols2];
-            tq_fattn_gqa_dot_KQ<bits_K, D, ncols2>(K + (int64_t) k*nb11, Q_reg, g, sum);
+            tq_fattn_gqa_dot_KQ<bits_K, D, ncols2>(K + (int64_t) k*nb11, Q_sh, g, sum);
             const float m = maskh ? __half2float(maskh[k]) : 0.0f;
 #pragma unroll
             for (int j = 0; j < ncols2; ++j) {
