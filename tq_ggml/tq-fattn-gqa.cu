@@ -43,6 +43,13 @@ bool ggml_cuda_tq_flash_attn_ext_gqa(ggml_backend_cuda_context & ctx, ggml_tenso
         K->ne[0] != D || V->ne[0] != D || (D != 64 && D != 128 && D != 256) || Q->ne[2] % K->ne[2] != 0) {
         return false; // upstream's vector kernel (one query head per block) takes it
     }
+    // the staged kernels (tq_fattn_gqa_stage) copy rows of whole words word by word: such rows must
+    // start on a word (true of a llama.cpp cache; an odd view goes to the vector kernel)
+    const size_t addr_bits = (uintptr_t) K->data | (uintptr_t) V->data | K->nb[1] | K->nb[2] | K->nb[3] |
+                             V->nb[1] | V->nb[2] | V->nb[3];
+    if (ggml_row_size(K->type, D) % 4 == 0 && ggml_row_size(V->type, D) % 4 == 0 && addr_bits % 4 != 0) {
+        return false;
+    }
 
     // the most query heads per block that divide the group and keep Q and the sums in registers,
     // fewer while the grid would not fill two waves of the GPU: with a short cache each block has

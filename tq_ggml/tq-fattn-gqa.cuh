@@ -24,6 +24,61 @@ static constexpr __host__ __device__ bool tq_fattn_gqa_fits(const int D, const i
     return ncols2 * D <= 512;
 }
 
+// Staging. Each warp reads only its own 32 rows of a tile, K and V, so it can copy them to shared
+// memory itself (cp.async, 4-byte words) one tile ahead and decode from there: the loads of the next
+// tile are in flight while this one computes, and 4-byte copies replace the decoder's 2-byte global
+// loads. Needs rows of whole words (D >= 128; a 64-value block is 18, 26 or 34 bytes) and two tiles
+// of both that fit in TQ_FATTN_GQA_STAGE_MAX bytes (with the rest, under the 48 KiB of static shared
+// memory, at 3 blocks per SM); other shapes read global memory directly.
+#define TQ_FATTN_GQA_STAGE_MAX 36864
+
+template <int D, ggml_type type_K, ggml_type type_V>
+struct tq_fattn_gqa_stage {
+    static constexpr int row_K  = D/QK_TQ * (int) sizeof(typename tq_cuda_block<tq_cuda_bits(type_K)>::type);
+    static constexpr int row_V  = D/QK_TQ * (int) sizeof(typename tq_cuda_block<tq_cuda_bits(type_V)>::type);
+    static constexpr int warp_bytes = WARP_SIZE*(row_K + row_V); // one warp's 32 K and V rows
+    static constexpr int bytes  = 2 * (TQ_FATTN_GQA_NTHREADS/WARP_SIZE) * warp_bytes;
+    static constexpr bool on    = row_K % 4 == 0 && row_V % 4 == 0 && bytes <= TQ_FATTN_GQA_STAGE_MAX;
+};
+
+static __device__ __forceinline__ void tq_cp_async_4(void * dst, const void * src) {
+#ifdef CP_ASYNC_AVAILABLE
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" : : "r"((unsigned) __cvta_generic_to_shared(dst)), "l"(src));
+#else
+    GGML_UNUSED_VARS(dst, src);
+    NO_DEVICE_CODE;
+#endif // CP_ASYNC_AVAILABLE
+}
+
+static __device__ __forceinline__ void tq_cp_async_commit() {
+#ifdef CP_ASYNC_AVAILABLE
+    asm volatile("cp.async.commit_group;");
+#endif // CP_ASYNC_AVAILABLE
+}
+
+// wait until at most n of this thread's copy groups are pending
+template <int n>
+static __device__ __forceinline__ void tq_cp_async_wait() {
+#ifdef CP_ASYNC_AVAILABLE
+    asm volatile("cp.async.wait_group %0;" : : "n"(n));
+#endif // CP_ASYNC_AVAILABLE
+}
+
+// copy nrows rows of row_bytes (a multiple of 4) from global src (row stride nb) to dense dst; one warp
+template <int row_bytes>
+static __device__ __forceinline__ void tq_fattn_gqa_stage_rows(char * dst, const char * src, const int64_t nb, const int lane) {
+    constexpr int nw = row_bytes/4;
+#pragma unroll 1
+    for (int i0 = 0; i0 < WARP_SIZE*nw; i0 += WARP_SIZE) {
+        const int i = i0 + lane;
+        if (i0 + WARP_SIZE <= WARP_SIZE*nw || i < WARP_SIZE*nw) {
+            const int r = i / nw;
+            const int w = i % nw;
+            tq_cp_async_4(dst + r*row_bytes + 4*w, src + r*nb + 4*w);
+        }
+    }
+}
+
 // sum[j] = the share of thread g (values 8g..8g+7 of each block) of K_row . Q_j, Q (scaled) in
 // shared memory: the 8 threads of a row read 8 different float4 pairs, the row groups of a warp
 // the same ones (broadcast)
@@ -149,8 +204,46 @@ static __global__ void tq_flash_attn_ext_gqa(
 
     __shared__ float KQ[ncols2][nthreads];
 
+    // staging buffers: [stage][warp] -> 32 K rows then 32 V rows
+    typedef tq_fattn_gqa_stage<D, type_K, type_V> stg;
+#ifdef CP_ASYNC_AVAILABLE
+    constexpr bool can_stage = stg::on;
+#else
+    constexpr bool can_stage = false;
+#endif // CP_ASYNC_AVAILABLE
+    constexpr bool staged = can_stage; // the host checked that K and V are word-aligned
+    // after the loop the staging buffers hold the warps' partial outputs (VKQ_parts)
+    constexpr int parts_bytes = nwarps*nrows_w*D*(int) sizeof(float);
+    __shared__ __align__(16) char tile[staged ? (stg::bytes > parts_bytes ? stg::bytes : parts_bytes) : 16];
+    const int64_t row_nb_K = staged ? stg::row_K : nb11;
+    const int64_t row_nb_V = staged ? stg::row_V : nb21;
+    char * tile_w = tile + warp*stg::warp_bytes;
+
     const int k_VKQ_max = KV_max ? KV_max[sequence*gridDim.x + blockIdx.x] : ne11;
-    for (int k0 = blockIdx.y*nthreads; k0 < k_VKQ_max; k0 += gridDim.y*nthreads) {
+    const int k_step    = gridDim.y*nthreads;
+    if (staged && blockIdx.y*nthreads < k_VKQ_max) {
+        const int64_t r = blockIdx.y*nthreads + warp*WARP_SIZE;
+        tq_fattn_gqa_stage_rows<stg::row_K>(tile_w,                        K + r*nb11, nb11, lane);
+        tq_fattn_gqa_stage_rows<stg::row_V>(tile_w + WARP_SIZE*stg::row_K, V + r*nb21, nb21, lane);
+        tq_cp_async_commit();
+    }
+    for (int k0 = blockIdx.y*nthreads, s = 0; k0 < k_VKQ_max; k0 += k_step, s ^= 1) {
+        // this warp's 32 K and V rows: the staged copy of stage s, or global memory
+        const char * K_w = K + (int64_t) (k0 + warp*WARP_SIZE)*nb11;
+        const char * V_w = V + (int64_t) (k0 + warp*WARP_SIZE)*nb21;
+        if constexpr (staged) {
+            if (k0 + k_step < k_VKQ_max) {
+                char * next = tile_w + (s ^ 1)*(stg::bytes/2);
+                tq_fattn_gqa_stage_rows<stg::row_K>(next,                        K_w + (int64_t) k_step*nb11, nb11, lane);
+                tq_fattn_gqa_stage_rows<stg::row_V>(next + WARP_SIZE*stg::row_K, V_w + (int64_t) k_step*nb21, nb21, lane);
+            }
+            tq_cp_async_commit(); // possibly empty: the wait below always leaves the newest group
+            tq_cp_async_wait<1>();
+            __syncwarp();
+            K_w = tile_w + s*(stg::bytes/2);
+            V_w = K_w + WARP_SIZE*stg::row_K;
+        }
+
         // K.Q: the 8-thread group at lane & ~7 computes the rows warp*32 + (lane & ~7) + r; lane keeps row r == g
         float KQ_reg[ncols2];
         float KQ_max_new[ncols2];
@@ -161,9 +254,10 @@ static __global__ void tq_flash_attn_ext_gqa(
         }
 #pragma unroll
         for (int r = 0; r < nthr_row; ++r) {
-            const int k = k0 + warp*WARP_SIZE + (lane & ~(nthr_row - 1)) + r;
+            const int i = (lane & ~(nthr_row - 1)) + r;
+            const int k = k0 + warp*WARP_SIZE + i;
             float sum[ncols2];
-            tq_fattn_gqa_dot_KQ<bits_K, D, ncols2>(K + (int64_t) k*nb11, Q_sh, g, sum);
+            tq_fattn_gqa_dot_KQ<bits_K, D, ncols2>(K_w + i*row_nb_K, Q_sh, g, sum);
             const float m = maskh ? __half2float(maskh[k]) : 0.0f;
 #pragma unroll
             for (int j = 0; j < ncols2; ++j) {
@@ -203,7 +297,7 @@ static __global__ void tq_flash_attn_ext_gqa(
 #pragma unroll
         for (int r0 = 0; r0 < WARP_SIZE; r0 += nrows_w) {
             const int i_KQ = warp*WARP_SIZE + r0 + lane/nthr_row;
-            const block_V * V_row = (const block_V *) (V + (int64_t) (k0 + i_KQ)*nb21);
+            const block_V * V_row = (const block_V *) (V_w + (r0 + lane/nthr_row)*row_nb_V);
             float w[ncols2];
 #pragma unroll
             for (int j = 0; j < ncols2; ++j) {
@@ -251,7 +345,9 @@ static __global__ void tq_flash_attn_ext_gqa(
     // combine the warps (and the row slots within a warp), one head at a time
     __shared__ float KQ_max_shared[ncols2][WARP_SIZE];
     __shared__ float KQ_sum_shared[ncols2][WARP_SIZE];
-    __shared__ float VKQ_parts[nwarps*nrows_w][D];
+    __shared__ float VKQ_parts_own[staged ? 1 : nwarps*nrows_w][D];
+    float (* VKQ_parts)[D] = staged ? (float (*)[D]) tile : VKQ_parts_own;
+    tq_cp_async_wait<0>(); // nothing is left in flight into the buffers (the last group is empty)
 #pragma unroll
     for (int j = 0; j < ncols2; ++j) {
         if (warp == 0) {
