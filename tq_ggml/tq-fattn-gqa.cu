@@ -2,8 +2,24 @@
 // how many query heads per thread block.
 #include "tq-fattn-gqa.cuh"
 
+// GGML_TQ_CUDA_NO_MMA=1 keeps head size 128 on the float kernel (for comparisons)
+static bool tq_fattn_use_mma(const int D) {
+    static const bool off = [] { const char * e = getenv("GGML_TQ_CUDA_NO_MMA"); return e && atoi(e) != 0; }();
+    return D == TQ_FATTN_MMA_D && !off && ampere_mma_available(ggml_cuda_info().devices[ggml_cuda_get_device()].cc);
+}
+
 template <int D, ggml_type type_K, ggml_type type_V>
 static void tq_fattn_gqa_D(ggml_backend_cuda_context & ctx, ggml_tensor * dst, const int ncols2) {
+    if constexpr (D == TQ_FATTN_MMA_D) {
+        if (tq_fattn_use_mma(D)) {
+            switch (ncols2) {
+                case 1: tq_flash_attn_ext_mma_case<D, 1, type_K, type_V>(ctx, dst); return;
+                case 2: tq_flash_attn_ext_mma_case<D, 2, type_K, type_V>(ctx, dst); return;
+                case 4: tq_flash_attn_ext_mma_case<D, 4, type_K, type_V>(ctx, dst); return;
+                case 8: tq_flash_attn_ext_mma_case<D, 8, type_K, type_V>(ctx, dst); return;
+            }
+        }
+    }
     switch (ncols2) {
         case 1: tq_flash_attn_ext_gqa_case<D, 1, type_K, type_V>(ctx, dst); return;
         case 2: tq_flash_attn_ext_gqa_case<D, 2, type_K, type_V>(ctx, dst); return;
@@ -61,7 +77,9 @@ bool ggml_cuda_tq_flash_attn_ext_gqa(ggml_backend_cuda_context & ctx, ggml_tenso
     const int64_t ntiles_kv = (K->ne[1] + TQ_FATTN_GQA_NTHREADS - 1) / TQ_FATTN_GQA_NTHREADS;
     const int64_t nblocks_2waves = 2*TQ_FATTN_GQA_MINBLOCKS*nsm;
     int ncols2 = 8;
-    while (ncols2 > 1 && (gqa_ratio % ncols2 != 0 || !tq_fattn_gqa_fits(D, ncols2) ||
+    // the tensor-core kernel takes up to 8 heads (the columns of its MMA) at any head size it has
+    const bool mma = tq_fattn_use_mma(D);
+    while (ncols2 > 1 && (gqa_ratio % ncols2 != 0 || !(mma || tq_fattn_gqa_fits(D, ncols2)) ||
                           K->ne[2]*Q->ne[3]*(gqa_ratio/ncols2)*ntiles_kv < nblocks_2waves)) {
         ncols2 /= 2;
     }

@@ -440,6 +440,13 @@ void tq_flash_attn_ext_gqa_case(ggml_backend_cuda_context & ctx, ggml_tensor * d
     PREFIX template void tq_flash_attn_ext_gqa_case<256, 1, type_K, type_V>(ggml_backend_cuda_context &, ggml_tensor *); \
     PREFIX template void tq_flash_attn_ext_gqa_case<256, 2, type_K, type_V>(ggml_backend_cuda_context &, ggml_tensor *);
 
+// the tensor-core variant (tq-fattn-mma.cuh) of one K/V pair, where its shared memory plan holds
+#define TQ_FATTN_MMA_DECL_PAIR(PREFIX, type_K, type_V)                                                              \
+    PREFIX template void tq_flash_attn_ext_mma_case<128, 1, type_K, type_V>(ggml_backend_cuda_context &, ggml_tensor *); \
+    PREFIX template void tq_flash_attn_ext_mma_case<128, 2, type_K, type_V>(ggml_backend_cuda_context &, ggml_tensor *); \
+    PREFIX template void tq_flash_attn_ext_mma_case<128, 4, type_K, type_V>(ggml_backend_cuda_context &, ggml_tensor *); \
+    PREFIX template void tq_flash_attn_ext_mma_case<128, 8, type_K, type_V>(ggml_backend_cuda_context &, ggml_tensor *);
+
 #define TQ_FATTN_GQA_PAIRS(X)                                                                     \
     X(GGML_TYPE_TURBO2_0, GGML_TYPE_TURBO2_0) X(GGML_TYPE_TURBO2_0, GGML_TYPE_TURBO3_0) X(GGML_TYPE_TURBO2_0, GGML_TYPE_TURBO4_0) \
     X(GGML_TYPE_TURBO3_0, GGML_TYPE_TURBO2_0) X(GGML_TYPE_TURBO3_0, GGML_TYPE_TURBO3_0) X(GGML_TYPE_TURBO3_0, GGML_TYPE_TURBO4_0) \
@@ -448,3 +455,9 @@ void tq_flash_attn_ext_gqa_case(ggml_backend_cuda_context & ctx, ggml_tensor * d
 #define TQ_FATTN_GQA_EXTERN(type_K, type_V) TQ_FATTN_GQA_DECL_PAIR(extern, type_K, type_V)
 TQ_FATTN_GQA_PAIRS(TQ_FATTN_GQA_EXTERN)
 #undef TQ_FATTN_GQA_EXTERN
+
+#include "tq-fattn-mma.cuh"
+
+#define TQ_FATTN_MMA_EXTERN(type_K, type_V) TQ_FATTN_MMA_DECL_PAIR(extern, type_K, type_V)
+TQ_FATTN_GQA_PAIRS(TQ_FATTN_MMA_EXTERN)
+#undef TQ_FATTN_MMA_EXTERN

@@ -1,5 +1,6 @@
-// TurboQuant GQA decode kernel (tq-fattn-gqa.cuh), K turbo4_0 / V turbo4_0: every head size and grouping.
+// TurboQuant GQA decode kernels (tq-fattn-gqa.cuh, tq-fattn-mma.cuh), K turbo4_0 / V turbo4_0: every head size and grouping.
 
 #include "../tq-fattn-gqa.cuh"
 
 TQ_FATTN_GQA_DECL_PAIR(, GGML_TYPE_TURBO4_0, GGML_TYPE_TURBO4_0)
+TQ_FATTN_MMA_DECL_PAIR(, GGML_TYPE_TURBO4_0, GGML_TYPE_TURBO4_0)
