@@ -79,6 +79,31 @@ static __device__ __forceinline__ void tq_fattn_gqa_stage_rows(char * dst, const
     }
 }
 
+// copy one warp's 32 K rows (from K_row, stride nb11) and 32 V rows (from V_row) to dst, K first
+template <typename stg>
+static __device__ __forceinline__ void tq_fattn_gqa_stage_tile(char * dst, const char * K_row, const char * V_row,
+        const int64_t nb11, const int64_t nb21, const int lane) {
+    tq_fattn_gqa_stage_rows<stg::row_K>(dst,                        K_row, nb11, lane);
+    tq_fattn_gqa_stage_rows<stg::row_V>(dst + WARP_SIZE*stg::row_K, V_row, nb21, lane);
+}
+
+// blockIdx.z = (sequence*ne12 + kv_head)*ntiles_z + z: the block's query heads are head0 .. head0 + ncols2 - 1
+struct tq_fattn_gqa_block {
+    int sequence;
+    int kv_head;
+    int head0;
+};
+
+template <int ncols2>
+static __device__ __forceinline__ tq_fattn_gqa_block tq_fattn_gqa_block_of(const int ne02, const int ne12) {
+    const int gqa_ratio = ne02 / ne12;
+    const int ntiles_z  = gqa_ratio / ncols2;
+    const int sequence  = blockIdx.z / (ne12*ntiles_z);
+    const int kv_head   = (blockIdx.z / ntiles_z) % ne12;
+    const int head0     = kv_head*gqa_ratio + (blockIdx.z % ntiles_z)*ncols2;
+    return {sequence, kv_head, head0};
+}
+
 // sum[j] = the share of thread g (values 8g..8g+7 of each block) of K_row . Q_j, Q (scaled) in
 // shared memory: the 8 threads of a row read 8 different float4 pairs, the row groups of a warp
 // the same ones (broadcast)
@@ -159,12 +184,10 @@ static __global__ void tq_flash_attn_ext_gqa(
     const int tid  = warp*WARP_SIZE + lane;
     const int g    = lane % nthr_row;
 
-    // blockIdx.z = (sequence*ne12 + kv_head)*ntiles_z + z: query heads head0 .. head0 + ncols2 - 1
-    const int gqa_ratio = ne02 / ne12;
-    const int ntiles_z  = gqa_ratio / ncols2;
-    const int sequence  = blockIdx.z / (ne12*ntiles_z);
-    const int kv_head   = (blockIdx.z / ntiles_z) % ne12;
-    const int head0     = kv_head*gqa_ratio + (blockIdx.z % ntiles_z)*ncols2;
+    const tq_fattn_gqa_block blk = tq_fattn_gqa_block_of<ncols2>(ne02, ne12);
+    const int sequence = blk.sequence;
+    const int kv_head  = blk.kv_head;
+    const int head0    = blk.head0;
 
     Q += nb03*sequence + nb02*head0;
     K += nb13*sequence + nb12*kv_head;
@@ -223,8 +246,7 @@ static __global__ void tq_flash_attn_ext_gqa(
     const int k_step    = gridDim.y*nthreads;
     if (staged && blockIdx.y*nthreads < k_VKQ_max) {
         const int64_t r = blockIdx.y*nthreads + warp*WARP_SIZE;
-        tq_fattn_gqa_stage_rows<stg::row_K>(tile_w,                        K + r*nb11, nb11, lane);
-        tq_fattn_gqa_stage_rows<stg::row_V>(tile_w + WARP_SIZE*stg::row_K, V + r*nb21, nb21, lane);
+        tq_fattn_gqa_stage_tile<stg>(tile_w, K + r*nb11, V + r*nb21, nb11, nb21, lane);
         tq_cp_async_commit();
     }
     for (int k0 = blockIdx.y*nthreads, s = 0; k0 < k_VKQ_max; k0 += k_step, s ^= 1) {
@@ -234,8 +256,7 @@ static __global__ void tq_flash_attn_ext_gqa(
         if constexpr (staged) {
             if (k0 + k_step < k_VKQ_max) {
                 char * next = tile_w + (s ^ 1)*(stg::bytes/2);
-                tq_fattn_gqa_stage_rows<stg::row_K>(next,                        K_w + (int64_t) k_step*nb11, nb11, lane);
-                tq_fattn_gqa_stage_rows<stg::row_V>(next + WARP_SIZE*stg::row_K, V_w + (int64_t) k_step*nb21, nb21, lane);
+                tq_fattn_gqa_stage_tile<stg>(next, K_w + (int64_t) k_step*nb11, V_w + (int64_t) k_step*nb21, nb11, nb21, lane);
             }
             tq_cp_async_commit(); // possibly empty: the wait below always leaves the newest group
             tq_cp_async_wait<1>();

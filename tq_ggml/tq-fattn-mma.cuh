@@ -37,20 +37,17 @@ struct tq_fattn_mma_smem {
     static constexpr bool on     = D == TQ_FATTN_MMA_D && stg::on && nwarps*8*D*4 <= off_P;
 };
 
+// four 8x8 b16 matrices from shared memory, transposed with trans (lanes 8i..8i+7 address matrix i)
+template <bool trans>
 static __device__ __forceinline__ void tq_ldmatrix_x4(uint32_t (&r)[4], const half * p) {
 #ifdef TURING_MMA_AVAILABLE
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
-        : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"((unsigned) __cvta_generic_to_shared(p)));
-#else
-    GGML_UNUSED_VARS(r, p);
-    NO_DEVICE_CODE;
-#endif // TURING_MMA_AVAILABLE
-}
-
-static __device__ __forceinline__ void tq_ldmatrix_x4_trans(uint32_t (&r)[4], const half * p) {
-#ifdef TURING_MMA_AVAILABLE
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
-        : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"((unsigned) __cvta_generic_to_shared(p)));
+    if constexpr (trans) {
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+            : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"((unsigned) __cvta_generic_to_shared(p)));
+    } else {
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+            : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"((unsigned) __cvta_generic_to_shared(p)));
+    }
 #else
     GGML_UNUSED_VARS(r, p);
     NO_DEVICE_CODE;
@@ -153,11 +150,10 @@ static __global__ void tq_flash_attn_ext_mma(
     half  * P_w    = (half  *) (smem + sm::off_P) + warp*nblk*8*WARP_SIZE;
     float * d_w    = (float *) (smem + sm::off_d) + warp*WARP_SIZE*nblk;
 
-    const int gqa_ratio = ne02 / ne12;
-    const int ntiles_z  = gqa_ratio / ncols2;
-    const int sequence  = blockIdx.z / (ne12*ntiles_z);
-    const int kv_head   = (blockIdx.z / ntiles_z) % ne12;
-    const int head0     = kv_head*gqa_ratio + (blockIdx.z % ntiles_z)*ncols2;
+    const tq_fattn_gqa_block blk = tq_fattn_gqa_block_of<ncols2>(ne02, ne12);
+    const int sequence = blk.sequence;
+    const int kv_head  = blk.kv_head;
+    const int head0    = blk.head0;
 
     Q += nb03*sequence + nb02*head0;
     K += nb13*sequence + nb12*kv_head;
@@ -215,16 +211,14 @@ static __global__ void tq_flash_attn_ext_mma(
     const int k_step    = gridDim.y*nthreads;
     if (blockIdx.y*nthreads < k_VKQ_max) {
         const int64_t r = blockIdx.y*nthreads + warp*WARP_SIZE;
-        tq_fattn_gqa_stage_rows<stg::row_K>(tile_w,                        K + r*nb11, nb11, lane);
-        tq_fattn_gqa_stage_rows<stg::row_V>(tile_w + WARP_SIZE*stg::row_K, V + r*nb21, nb21, lane);
+        tq_fattn_gqa_stage_tile<stg>(tile_w, K + r*nb11, V + r*nb21, nb11, nb21, lane);
         tq_cp_async_commit();
     }
     for (int k0 = blockIdx.y*nthreads, s = 0; k0 < k_VKQ_max; k0 += k_step, s ^= 1) {
         const int kw = k0 + warp*WARP_SIZE; // this warp's first row
         if (k0 + k_step < k_VKQ_max) {
             char * next = tile_w + (s ^ 1)*(stg::bytes/2);
-            tq_fattn_gqa_stage_rows<stg::row_K>(next,                        K + (int64_t) (kw + k_step)*nb11, nb11, lane);
-            tq_fattn_gqa_stage_rows<stg::row_V>(next + WARP_SIZE*stg::row_K, V + (int64_t) (kw + k_step)*nb21, nb21, lane);
+            tq_fattn_gqa_stage_tile<stg>(next, K + (int64_t) (kw + k_step)*nb11, V + (int64_t) (kw + k_step)*nb21, nb11, nb21, lane);
         }
         tq_cp_async_commit();
         tq_cp_async_wait<1>();
@@ -246,7 +240,7 @@ static __global__ void tq_flash_attn_ext_mma(
 #pragma unroll
                 for (int ks = 0; ks < QK_TQ/16; ++ks) {
                     uint32_t A[4];
-                    tq_ldmatrix_x4(A, H_w + (16*mt + (lane & 15))*H_row + ib*QK_TQ + 16*ks + 8*(lane >> 4));
+                    tq_ldmatrix_x4<false>(A, H_w + (16*mt + (lane & 15))*H_row + ib*QK_TQ + 16*ks + 8*(lane >> 4));
                     tq_mma_16816(acc, A, B_Q[ib*(QK_TQ/16) + ks][0], B_Q[ib*(QK_TQ/16) + ks][1]);
                 }
                 const float d0 = d_w[(16*mt + g    )*nblk + ib];
@@ -323,7 +317,7 @@ static __global__ void tq_flash_attn_ext_mma(
                 const uint32_t b0 = *(const uint32_t *) (P_w + (ib*8 + g)*WARP_SIZE + 16*kc + 2*t);
                 const uint32_t b1 = *(const uint32_t *) (P_w + (ib*8 + g)*WARP_SIZE + 16*kc + 2*t + 8);
                 uint32_t A[4];
-                tq_ldmatrix_x4_trans(A, H_w + (16*kc + (lane & 7) + 8*(lane >> 4))*H_row + 16*mt + 8*((lane >> 3) & 1));
+                tq_ldmatrix_x4<true>(A, H_w + (16*kc + (lane & 7) + 8*(lane >> 4))*H_row + 16*mt + 8*((lane >> 3) & 1));
                 tq_mma_16816(O[mt], A, b0, b1);
             }
         }
