@@ -23,13 +23,15 @@ def test_quantize_fns(bin_dir: Path) -> None:
 
 # TurboQuant cases registered by patches/0004: 3 types x head sizes 64/128/256 (plus the encoder's
 # many-block path), and for FLASH_ATTN_EXT 3 batch sizes x (TQ/TQ + TQ mixed both ways with f16 and
-# q8_0) plus the GQA decode kernel's head groups, mixes and feature flags
-CASES = {"SET_ROWS": 21, "GET_ROWS": 9, "CPY": 30, "FLASH_ATTN_EXT": 189}
+# q8_0) plus the GQA decode kernel's head groups, mixes and feature flags; and the fused key
+# scale/rotation/offset op (patches/0010), every case of which is ours
+CASES = {"SET_ROWS": 21, "GET_ROWS": 9, "CPY": 30, "FLASH_ATTN_EXT": 189, "TURBO_K_ROT": 25}
 
 
 def run_backend_ops(bin_dir: Path, backend: str, op: str) -> str:
     """test-backend-ops on the TurboQuant cases of op; asserts that all of them ran and passed."""
-    r = subprocess.run([str(bin_dir / "test-backend-ops"), "test", "-b", backend, "-o", op, "-p", "turbo"],
+    only_tq = [] if op == "TURBO_K_ROT" else ["-p", "turbo"]
+    r = subprocess.run([str(bin_dir / "test-backend-ops"), "test", "-b", backend, "-o", op, *only_tq],
                        capture_output=True, text=True, timeout=1200)
     out = re.sub(r"\x1b\[[0-9;]*m", "", r.stdout + r.stderr)
     assert r.returncode == 0, out[-4000:]
@@ -45,4 +47,4 @@ def test_backend_ops(bin_dir: Path, op: str) -> None:
     # on the GPU machine the same command compares CUDA with the CPU
     out = run_backend_ops(bin_dir, "CPU", op)
     n = CASES[op]
-    assert len(re.findall(rf"^\s+{op}\(.*turbo.*\): OK$", out, re.M)) == n, out[-4000:]
+    assert len(re.findall(rf"^\s+{op}\(.*\): OK$", out, re.M)) == n, out[-4000:]

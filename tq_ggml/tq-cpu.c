@@ -88,3 +88,53 @@ void ggml_vec_dot_turbo##BITS##_0_f32(int n, float * GGML_RESTRICT s, size_t bs,
 TQ_DEFINE_VEC_DOT(2)
 TQ_DEFINE_VEC_DOT(3)
 TQ_DEFINE_VEC_DOT(4)
+
+// GGML_OP_TURBO_K_ROT (tq-offset.c): the same arithmetic in the same order as the unfused graph
+// (x*a or x/a, then upstream's CPU transform: times 1/sqrt(nrot), butterflies of growing span, then
+// minus the offset), so fused and unfused CPU graphs agree
+void ggml_compute_forward_turbo_k_rot(const struct ggml_compute_params * params, struct ggml_tensor * dst) {
+    const struct ggml_tensor * x     = dst->src[0];
+    const struct ggml_tensor * k_off = dst->src[1];
+    const int32_t nrot = ggml_get_op_params_i32(dst, 0);
+    const int32_t mode = ggml_get_op_params_i32(dst, 1);
+
+    const int64_t n     = x->ne[0];
+    const int64_t ne1   = x->ne[1];
+    const int64_t nrows = ne1*x->ne[2]*x->ne[3];
+    const int64_t group = ne1/k_off->ne[1]; // query heads per KV head
+    const float * off   = (const float *) k_off->data;
+    const float * a     = off + n*k_off->ne[1];
+    const float   scale = nrot > 0 ? 1.0f/sqrtf((float) nrot) : 1.0f;
+
+    const int64_t per_thread = (nrows + params->nth - 1)/params->nth;
+    const int64_t r0 = params->ith*per_thread;
+    const int64_t r1 = MIN(r0 + per_thread, nrows);
+    for (int64_t r = r0; r < r1; ++r) {
+        const int64_t i1 = r % ne1, i2 = (r/ne1) % x->ne[2], i3 = r/(ne1*x->ne[2]);
+        const float * xr = (const float *) ((const char *) x->data + i1*x->nb[1] + i2*x->nb[2] + i3*x->nb[3]);
+        float       * y  = (float *) ((char *) dst->data + i1*dst->nb[1] + i2*dst->nb[2] + i3*dst->nb[3]);
+        const int64_t h  = i1/group;
+
+        for (int64_t i = 0; i < n; ++i) {
+            const float v = mode & GGML_TURBO_K_ROT_SCALE ? xr[i]*a[h*n + i] :
+                            mode & GGML_TURBO_K_ROT_INV_SCALE ? xr[i]/a[h*n + i] : xr[i];
+            y[i] = v*scale;
+        }
+        for (int64_t c = 0; nrot > 0 && c < n; c += nrot) {
+            for (int64_t len = 1; len < nrot; len <<= 1) {
+                for (int64_t i = c; i < c + nrot; i += 2*len) {
+                    for (int64_t j = i; j < i + len; ++j) {
+                        const float u = y[j], v = y[j + len];
+                        y[j]       = u + v;
+                        y[j + len] = u - v;
+                    }
+                }
+            }
+        }
+        if (mode & GGML_TURBO_K_ROT_OFFSET) {
+            for (int64_t i = 0; i < n; ++i) {
+                y[i] -= off[h*n + i];
+            }
+        }
+    }
+}

@@ -342,3 +342,100 @@ void ggml_cuda_tq_cpy(ggml_backend_cuda_context & ctx, const ggml_tensor * src0,
         default: GGML_ABORT("fatal error");
     }
 }
+
+// GGML_OP_TURBO_K_ROT (ggml_turbo_k_rot, tq-offset.c): one warp per run of N values of a row, lane
+// holding values j*32 + lane; the scale, the transform (upstream's fwht_cuda butterflies: lane bits
+// by shuffles, then register bits) and the offset in registers
+template <int N, bool rotate>
+static __global__ void k_tq_k_rot(const char * __restrict__ x, const float * __restrict__ k_off, float * __restrict__ dst,
+        const int64_t nchunks, const int64_t n, const int64_t n_head_kv, const int64_t group, const int64_t ne1, const int64_t ne2,
+        const int64_t nb1, const int64_t nb2, const int64_t nb3, const int mode, const float scale) {
+    constexpr int el = N/WARP_SIZE;
+    const int64_t id = (int64_t) blockIdx.x*blockDim.y + threadIdx.y;
+    if (id >= nchunks) {
+        return;
+    }
+    const int     lane = threadIdx.x;
+    const int64_t c    = (id % (n/N))*N;
+    const int64_t r    = id / (n/N);
+    const int64_t i1   = r % ne1;
+    const float * xr   = (const float *) (x + i1*nb1 + ((r/ne1) % ne2)*nb2 + (r/(ne1*ne2))*nb3) + c;
+    const float * off  = k_off + (i1/group)*n + c;
+    const float * a    = off + n*n_head_kv;
+
+    ggml_cuda_pdl_sync();
+    float reg[el];
+#pragma unroll
+    for (int j = 0; j < el; ++j) {
+        const int i = j*WARP_SIZE + lane;
+        const float v = mode & GGML_TURBO_K_ROT_SCALE ? xr[i]*a[i] : mode & GGML_TURBO_K_ROT_INV_SCALE ? xr[i]/a[i] : xr[i];
+        reg[j] = v*scale;
+    }
+    if constexpr (rotate) {
+#pragma unroll
+        for (int h = 1; h < WARP_SIZE; h *= 2) {
+#pragma unroll
+            for (int j = 0; j < el; ++j) {
+                const float u = reg[j];
+                const float v = __shfl_xor_sync(0xFFFFFFFF, u, h, WARP_SIZE);
+                reg[j] = (lane & h) == 0 ? u + v : v - u;
+            }
+        }
+#pragma unroll
+        for (int s = 1; s < el; s *= 2) {
+#pragma unroll
+            for (int j = 0; j < el; j += 2*s) {
+#pragma unroll
+                for (int k = 0; k < s; ++k) {
+                    const float u = reg[j + k], v = reg[j + k + s];
+                    reg[j + k]     = u + v;
+                    reg[j + k + s] = u - v;
+                }
+            }
+        }
+    }
+    float * y = dst + r*n + c;
+#pragma unroll
+    for (int j = 0; j < el; ++j) {
+        const int i = j*WARP_SIZE + lane;
+        y[i] = mode & GGML_TURBO_K_ROT_OFFSET ? reg[j] - off[i] : reg[j];
+    }
+}
+
+bool ggml_cuda_tq_supports_k_rot(const ggml_tensor * op) {
+    const int nrot = ggml_get_op_params_i32(op, 0);
+    return op->src[0]->type == GGML_TYPE_F32 && op->src[0]->nb[0] == sizeof(float) && ggml_is_contiguous(op) &&
+        op->src[0]->ne[0] % WARP_SIZE == 0 && (nrot == 0 || (nrot >= WARP_SIZE && nrot <= 512));
+}
+
+void ggml_cuda_tq_k_rot(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
+    const ggml_tensor * x     = dst->src[0];
+    const ggml_tensor * k_off = dst->src[1];
+    GGML_ASSERT(ggml_cuda_tq_supports_k_rot(dst));
+    const int nrot = ggml_get_op_params_i32(dst, 0);
+    const int mode = ggml_get_op_params_i32(dst, 1);
+    const int64_t n = x->ne[0];
+    const int N = nrot > 0 ? nrot : WARP_SIZE;
+    const int64_t nchunks = ggml_nrows(x)*(n/N);
+    if (nchunks == 0) {
+        return;
+    }
+    constexpr int rows_per_block = 4;
+    const dim3 grid_dims((nchunks + rows_per_block - 1)/rows_per_block, 1, 1);
+    const dim3 block_dims(WARP_SIZE, rows_per_block, 1);
+    const float scale = nrot > 0 ? 1.0f/sqrtf((float) nrot) : 1.0f;
+    const auto launch = [&](auto kernel) {
+        kernel<<<grid_dims, block_dims, 0, ctx.stream()>>>((const char *) x->data, (const float *) k_off->data, (float *) dst->data,
+            nchunks, n, k_off->ne[1], x->ne[1]/k_off->ne[1], x->ne[1], x->ne[2], x->nb[1], x->nb[2], x->nb[3], mode, scale);
+    };
+    switch (nrot) {
+        case   0: launch(k_tq_k_rot< 32, false>); break;
+        case  32: launch(k_tq_k_rot< 32, true>);  break;
+        case  64: launch(k_tq_k_rot< 64, true>);  break;
+        case 128: launch(k_tq_k_rot<128, true>);  break;
+        case 256: launch(k_tq_k_rot<256, true>);  break;
+        case 512: launch(k_tq_k_rot<512, true>);  break;
+        default: GGML_ABORT("%s: rotation size %d", __func__, nrot);
+    }
+    CUDA_CHECK(cudaGetLastError());
+}

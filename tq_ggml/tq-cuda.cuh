@@ -151,5 +151,8 @@ struct ggml_backend_cuda_context;
 void ggml_cuda_tq_set_rows(ggml_backend_cuda_context & ctx, const ggml_tensor * src0, const ggml_tensor * src1, ggml_tensor * dst);
 void ggml_cuda_tq_cpy(ggml_backend_cuda_context & ctx, const ggml_tensor * src0, ggml_tensor * src1);
 bool ggml_cuda_tq_supports_cpy(ggml_type src, ggml_type dst);
+// GGML_OP_TURBO_K_ROT: H(x*a) - off or H(x/a) (ggml_turbo_k_rot)
+void ggml_cuda_tq_k_rot(ggml_backend_cuda_context & ctx, ggml_tensor * dst);
+bool ggml_cuda_tq_supports_k_rot(const ggml_tensor * op);
 // FLASH_ATTN_EXT decode with K and V both TurboQuant (tq-fattn-gqa.cu); false: not taken, use the vector kernel
 bool ggml_cuda_tq_flash_attn_ext_gqa(ggml_backend_cuda_context & ctx, ggml_tensor * dst);

@@ -7,6 +7,7 @@
 // c is the mean of the first ubatch the cache stores; any fixed c is exact, the mean just makes
 // the stored differences small.
 #include "ggml.h"
+#include "../ggml-impl.h"
 
 // k_cur [n_embd_head, n_head_kv, n_tokens], k_off F32 [n_embd_head, n_head_kv]
 struct ggml_tensor * ggml_turbo_k_offset_sub(struct ggml_context * ctx, struct ggml_tensor * k_cur,
@@ -98,4 +99,26 @@ struct ggml_tensor * ggml_turbo_k_scale(struct ggml_context * ctx, struct ggml_t
     struct ggml_tensor * a4 = ggml_view_4d(ctx, a, n, 1, n_head_kv, 1, a->nb[1], a->nb[1], a->nb[1]*n_head_kv, 0);
     struct ggml_tensor * y  = inverse ? ggml_div(ctx, x4, a4) : ggml_mul(ctx, x4, a4);
     return ggml_reshape_4d(ctx, y, x->ne[0], x->ne[1], x->ne[2], x->ne[3]);
+}
+
+// Steady state of the three steps above (scale, upstream's Hadamard rotation, offset) in one op:
+// dst = H(x*a) - off (keys) or H(x/a) (queries), H the normalised Sylvester-Hadamard transform of
+// each run of nrot values (upstream's rotation, llama_mul_mat_hadamard), a and off the slices 1 and
+// 0 of k_off. One kernel instead of up to five per tensor and layer (CUDA section of the README).
+struct ggml_tensor * ggml_turbo_k_rot(struct ggml_context * ctx, struct ggml_tensor * x,
+                                      struct ggml_tensor * k_off, int nrot, int mode) {
+    const int64_t n = x->ne[0];
+    GGML_ASSERT(x->type == GGML_TYPE_F32 && x->nb[0] == sizeof(float));
+    GGML_ASSERT(k_off->type == GGML_TYPE_F32 && ggml_is_contiguous(k_off));
+    GGML_ASSERT(k_off->ne[0] == n && x->ne[1] % k_off->ne[1] == 0 && k_off->ne[2] == 2);
+    GGML_ASSERT(nrot == 0 || (nrot >= 32 && (nrot & (nrot - 1)) == 0 && n % nrot == 0));
+    GGML_ASSERT((mode & ~7) == 0 && (mode & 3) != 3);
+
+    struct ggml_tensor * result = ggml_new_tensor(ctx, GGML_TYPE_F32, GGML_MAX_DIMS, x->ne);
+    const int32_t params[2] = { nrot, mode };
+    ggml_set_op_params(result, params, sizeof(params));
+    result->op     = GGML_OP_TURBO_K_ROT;
+    result->src[0] = x;
+    result->src[1] = k_off;
+    return result;
 }

@@ -126,6 +126,7 @@ class Backend:
         _sig(b, "ggml_set_rows", ctypes.POINTER(Tensor), P, P, P, P)
         _sig(b, "ggml_get_rows", ctypes.POINTER(Tensor), P, P, P)
         _sig(b, "ggml_cpy", ctypes.POINTER(Tensor), P, P, P)
+        _sig(b, "ggml_turbo_k_rot", ctypes.POINTER(Tensor), P, P, P, ctypes.c_int, ctypes.c_int)
         _sig(b, "ggml_new_graph", P, P)
         _sig(b, "ggml_build_forward_expand", None, P, P)
         _sig(b, "ggml_backend_alloc_ctx_tensors", P, P, P)
@@ -204,6 +205,15 @@ class Backend:
         r = self._run(lambda ctx, s, t: self.ggml.base.ggml_cpy(ctx, s, t),
                       [(src_type, (d, n), data), (dst_type, (d, n), dst)])
         return None if r is None else r[0]
+
+    def turbo_k_rot(self, x: np.ndarray, k_off: np.ndarray, nrot: int, mode: int) -> np.ndarray | None:
+        """GGML_OP_TURBO_K_ROT of x [n_tokens, n_head, n] with k_off [2, n_head_kv, n] (offset, scale)."""
+        x = np.ascontiguousarray(x, np.float32)
+        n_tokens, n_head, n = x.shape
+        k_off = np.ascontiguousarray(k_off, np.float32)
+        r = self._run(lambda ctx, tx, to: self.ggml.base.ggml_turbo_k_rot(ctx, tx, to, nrot, mode),
+                      [(TYPE_F32, (n, n_head, n_tokens), x), (TYPE_F32, (n, k_off.shape[1], 2), k_off)])
+        return None if r is None else r[0].view(np.float32).reshape(n_tokens, n_head, n)
 
     def flash_attn_ext(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, type_k: int, type_v: int,
                        n_kv: int, n_head_kv: int, scale: float, mask: np.ndarray | None = None,
