@@ -3,56 +3,43 @@
 // The float kernel in tq-fattn-gqa.cuh spends ~80 warp instructions per KV row (decode, 4 FMAs per
 // value and head); here a row costs its decode and a few MMAs. Per warp and tile of 32 KV rows:
 //   1. the packed rows arrive in shared memory by cp.async one tile ahead (tq-fattn-gqa.cuh);
-//   2. K is decoded to f16 centroids (no scale) in shared memory, two values per lookup in a table
-//      of centroid pairs;
-//   3. S = K Q^T by MMA (A = K rows by ldmatrix, B = Q in registers), one accumulator per 64-value
-//      block, times the block scales, in float;
-//   4. online softmax in float, as upstream's kernels (FATTN_KQ_MAX_OFFSET);
-//   5. V is decoded into the same buffer, P is written times V's block scales as f16, and
-//      O^T += V^T P by MMA (A = V^T by ldmatrix.trans);
+//   2. S = K Q^T by MMA, A = K decoded straight into MMA fragments: a lookup in a table of f16
+//      centroid pairs gives one fragment register; one accumulator per 64-value block, times the
+//      block scales, in float;
+//   3. online softmax in float, as upstream's kernels (FATTN_KQ_MAX_OFFSET);
+//   4. P is written times V's block scales as f16, and O^T += V^T P by MMA, A = V^T decoded
+//      straight into fragments (a pair of two rows' centroids per lookup);
 // then the 4 warps combine through shared memory and the KV splits as upstream's.
+// A dot product does not depend on the order of its terms, so the fragments take the value
+// dimensions in the order the packed rows hold them: for K, thread t of a group reads the 16
+// consecutive indices 16t.. of each block (Q's B fragment follows the same order); for V, group g
+// reads the 8 indices 8g.. of each block, and the output rows are put back in order at the end.
+// Decoded values never pass through shared memory (an earlier version decoded into it and read
+// them back by ldmatrix: shared-memory bound, Nsight Compute: L1 at 77%, 1868 instructions/tile).
 // Numerics: Q, centroids and P in f16 (as upstream's f16 MMA kernel), products summed in float.
 #pragma once
 
 #include "tq-fattn-gqa.cuh"
 
 #define TQ_FATTN_MMA_D 128
+// 4 blocks of 4 warps per SM: registers <= 128 per thread, no spills (nvcc -Xptxas -v)
+#define TQ_FATTN_MMA_MINBLOCKS 4
 
 template <int D, ggml_type type_K, ggml_type type_V>
 struct tq_fattn_mma_smem {
     typedef tq_fattn_gqa_stage<D, type_K, type_V> stg;
     static constexpr int nwarps  = TQ_FATTN_GQA_NTHREADS/WARP_SIZE;
     static constexpr int nblk    = D/QK_TQ;
-    static constexpr int H_row   = D + 8; // halves per decoded row: ldmatrix's 8 rows fall in distinct banks
     static constexpr int n_lut_K = 1 << 2*tq_cuda_bits(type_K);
     static constexpr int n_lut_V = 1 << 2*tq_cuda_bits(type_V);
-    // byte offsets; the staging buffers and decoded rows hold the warps' outputs at the end
-    static constexpr int off_H   = stg::bytes;                                   // [nwarps][32][H_row] half
-    static constexpr int off_P   = off_H + nwarps*WARP_SIZE*H_row*2;             // [nwarps][nblk][8][32] half
-    static constexpr int off_d   = off_P + nwarps*nblk*8*WARP_SIZE*2;            // [nwarps][32][nblk] float
-    static constexpr int off_Q   = off_d + nwarps*WARP_SIZE*nblk*4;              // [8][D] half
+    // byte offsets; the staging buffers hold the warps' outputs at the end
+    static constexpr int off_P   = stg::bytes;                                   // [nwarps][nblk][8][32] half
+    static constexpr int off_Q   = off_P + nwarps*nblk*8*WARP_SIZE*2;            // [8][D] half
     static constexpr int off_lut = off_Q + 8*D*2;                                // K then V pairs, half2
     static constexpr int off_ML  = off_lut + 4*(n_lut_K + n_lut_V);              // [2][nwarps][8] float
     static constexpr int bytes   = off_ML + 2*nwarps*8*4;
     static constexpr bool on     = D == TQ_FATTN_MMA_D && stg::on && nwarps*8*D*4 <= off_P;
 };
-
-// four 8x8 b16 matrices from shared memory, transposed with trans (lanes 8i..8i+7 address matrix i)
-template <bool trans>
-static __device__ __forceinline__ void tq_ldmatrix_x4(uint32_t (&r)[4], const half * p) {
-#ifdef TURING_MMA_AVAILABLE
-    if constexpr (trans) {
-        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
-            : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"((unsigned) __cvta_generic_to_shared(p)));
-    } else {
-        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
-            : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"((unsigned) __cvta_generic_to_shared(p)));
-    }
-#else
-    GGML_UNUSED_VARS(r, p);
-    NO_DEVICE_CODE;
-#endif // TURING_MMA_AVAILABLE
-}
 
 // c += A B: A 16x16 row-major (ldmatrix order), B 16x8 (b0: k = 2t, 2t+1, b1: k = 2t+8, 2t+9; n = g)
 static __device__ __forceinline__ void tq_mma_16816(float (&c)[4], const uint32_t (&a)[4], const uint32_t b0, const uint32_t b1) {
@@ -66,38 +53,26 @@ static __device__ __forceinline__ void tq_mma_16816(float (&c)[4], const uint32_
 #endif // AMPERE_MMA_AVAILABLE
 }
 
-// decode one warp's 32 rows (packed, row stride row_bytes) to f16 centroids H [32][H_row] and
-// their block scales d [32][nblk]; lane i takes groups of 8 values i, i + 32, ...
-template <int bits, int D, int H_row>
-static __device__ __forceinline__ void tq_fattn_mma_decode(
-        half * __restrict__ H, float * __restrict__ d, const char * __restrict__ rows, const uint32_t * __restrict__ lut, const int lane) {
-    typedef typename tq_cuda_block<bits>::type block_t;
-    constexpr int row_bytes = D/QK_TQ * (int) sizeof(block_t);
-    constexpr int ngrp      = D/8;
-    constexpr uint32_t pair = (1u << 2*bits) - 1;
+// the 2*nbytes/... packed indices at p (2-byte aligned) in one word, first index in the low bits
+template <int nbytes>
+static __device__ __forceinline__ uint64_t tq_fattn_mma_load_u16s(const uint8_t * p) {
+    static_assert(nbytes % 2 == 0 && nbytes <= 8, "bad nbytes");
+    uint64_t w = 0;
 #pragma unroll
-    for (int i0 = 0; i0 < WARP_SIZE*ngrp; i0 += WARP_SIZE) {
-        const int i  = i0 + lane;
-        const int r  = i / ngrp;
-        const int gi = i % ngrp;
-        const block_t * b = (const block_t *) (rows + r*row_bytes) + gi/8;
-        const uint32_t  w = tq_cuda_load_group<bits>(b->qs, gi % 8);
-        uint4 out;
-        out.x = lut[ w              & pair];
-        out.y = lut[(w >> (2*bits)) & pair];
-        out.z = lut[(w >> (4*bits)) & pair];
-        out.w = lut[(w >> (6*bits)) & pair];
-        *(uint4 *) (H + r*H_row + 8*gi) = out;
+    for (int i = 0; i < nbytes/2; ++i) {
+        w |= (uint64_t) ((const uint16_t *) p)[i] << 16*i;
     }
-#pragma unroll
-    for (int i0 = 0; i0 < WARP_SIZE*(D/QK_TQ); i0 += WARP_SIZE) {
-        const int i = i0 + lane;
-        d[i] = __half2float(((const block_t *) (rows + (i/(D/QK_TQ))*row_bytes))[i % (D/QK_TQ)].d);
-    }
+    return w;
+}
+
+// f16 centroid pair from a table lut of (1 << 2*bits) pairs: entry (i1 << bits) | i0 is (c[i0], c[i1])
+template <int bits>
+static __device__ __forceinline__ uint32_t tq_fattn_mma_pair(const uint32_t * lut, const uint32_t i0, const uint32_t i1) {
+    return lut[i0 | (i1 << bits)];
 }
 
 template <int D, int ncols2, ggml_type type_K, ggml_type type_V>
-__launch_bounds__(TQ_FATTN_GQA_NTHREADS, TQ_FATTN_GQA_MINBLOCKS)
+__launch_bounds__(TQ_FATTN_GQA_NTHREADS, TQ_FATTN_MMA_MINBLOCKS)
 static __global__ void tq_flash_attn_ext_mma(
         const char * __restrict__ Q,
         const char * __restrict__ K,
@@ -130,7 +105,10 @@ static __global__ void tq_flash_attn_ext_mma(
     constexpr int nthreads = TQ_FATTN_GQA_NTHREADS;
     constexpr int nwarps   = sm::nwarps;
     constexpr int nblk     = sm::nblk;
-    constexpr int H_row    = sm::H_row;
+    typedef typename tq_cuda_block<bits_K>::type block_K;
+    typedef typename tq_cuda_block<bits_V>::type block_V;
+    constexpr uint32_t mask_K = (1u << bits_K) - 1;
+    constexpr uint32_t mask_V = (1u << bits_V) - 1;
 
     extern __shared__ __align__(16) char smem[];
     half     * Q_h   = (half     *) (smem + sm::off_Q);
@@ -146,9 +124,7 @@ static __global__ void tq_flash_attn_ext_mma(
     const int t    = lane % 4; // thread in group: columns 2t, 2t+1 of C
 
     char  * tile_w = smem + warp*stg::warp_bytes;
-    half  * H_w    = (half  *) (smem + sm::off_H) + warp*WARP_SIZE*H_row;
     half  * P_w    = (half  *) (smem + sm::off_P) + warp*nblk*8*WARP_SIZE;
-    float * d_w    = (float *) (smem + sm::off_d) + warp*WARP_SIZE*nblk;
 
     const tq_fattn_gqa_block blk = tq_fattn_gqa_block_of<ncols2>(ne02, ne12);
     const int sequence = blk.sequence;
@@ -191,15 +167,21 @@ static __global__ void tq_flash_attn_ext_mma(
     }
     __syncthreads();
 
-    // B = Q^T: k = value index, n = head
+    // B = Q^T: k = value index, n = head, in K's fragment order: k-step ks of block ib takes values
+    // ib*QK_TQ + 16t' + 4ks + {0, 1 | 2, 3} at k = 2t' + {0, 1 | 8, 9}
     uint32_t B_Q[D/16][2];
 #pragma unroll
-    for (int ks = 0; ks < D/16; ++ks) {
-        B_Q[ks][0] = *(const uint32_t *) (Q_h + g*D + 16*ks + 2*t);
-        B_Q[ks][1] = *(const uint32_t *) (Q_h + g*D + 16*ks + 2*t + 8);
+    for (int ib = 0; ib < nblk; ++ib) {
+#pragma unroll
+        for (int ks = 0; ks < QK_TQ/16; ++ks) {
+            B_Q[ib*(QK_TQ/16) + ks][0] = *(const uint32_t *) (Q_h + g*D + ib*QK_TQ + 16*t + 4*ks);
+            B_Q[ib*(QK_TQ/16) + ks][1] = *(const uint32_t *) (Q_h + g*D + ib*QK_TQ + 16*t + 4*ks + 2);
+        }
     }
 
-    float O[D/16][4]; // O^T: rows = values 16*mt + g (+8), columns = heads 2t, 2t+1
+    // O^T: rows = values, columns = heads 2t, 2t+1; in V's fragment order, row g (g + 8) of m-tile
+    // mt is value (mt/4)*QK_TQ + 8g + 2*(mt%4) (+ 1)
+    float O[D/16][4];
 #pragma unroll
     for (int mt = 0; mt < D/16; ++mt) {
         O[mt][0] = O[mt][1] = O[mt][2] = O[mt][3] = 0.0f;
@@ -226,25 +208,32 @@ static __global__ void tq_flash_attn_ext_mma(
         const char * K_w = tile_w + s*(stg::bytes/2);
         const char * V_w = K_w + WARP_SIZE*stg::row_K;
 
-        tq_fattn_mma_decode<bits_K, D, H_row>(H_w, d_w, K_w, lut_K, lane);
-        __syncwarp();
-
-        // S = K Q^T for rows 16*mt + g (+8), heads 2t, 2t + 1
+        // S = K Q^T for rows 16*mt + g (+8), heads 2t, 2t + 1; A from thread t's 16 indices of each
+        // block of rows 16*mt + g and + 8
         float S[2][4];
 #pragma unroll
         for (int mt = 0; mt < 2; ++mt) {
             S[mt][0] = S[mt][1] = S[mt][2] = S[mt][3] = 0.0f;
 #pragma unroll
             for (int ib = 0; ib < nblk; ++ib) {
+                const block_K * b0 = (const block_K *) (K_w + (16*mt + g    )*stg::row_K) + ib;
+                const block_K * b1 = (const block_K *) (K_w + (16*mt + g + 8)*stg::row_K) + ib;
+                const uint64_t  w0 = tq_fattn_mma_load_u16s<2*bits_K>(b0->qs + 2*bits_K*t);
+                const uint64_t  w1 = tq_fattn_mma_load_u16s<2*bits_K>(b1->qs + 2*bits_K*t);
                 float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
                 for (int ks = 0; ks < QK_TQ/16; ++ks) {
                     uint32_t A[4];
-                    tq_ldmatrix_x4<false>(A, H_w + (16*mt + (lane & 15))*H_row + ib*QK_TQ + 16*ks + 8*(lane >> 4));
+#pragma unroll
+                    for (int h = 0; h < 2; ++h) {
+                        const int s0 = bits_K*(4*ks + 2*h); // indices 4ks + 2h, 4ks + 2h + 1
+                        A[2*h    ] = tq_fattn_mma_pair<bits_K>(lut_K, (w0 >> s0) & mask_K, (w0 >> (s0 + bits_K)) & mask_K);
+                        A[2*h + 1] = tq_fattn_mma_pair<bits_K>(lut_K, (w1 >> s0) & mask_K, (w1 >> (s0 + bits_K)) & mask_K);
+                    }
                     tq_mma_16816(acc, A, B_Q[ib*(QK_TQ/16) + ks][0], B_Q[ib*(QK_TQ/16) + ks][1]);
                 }
-                const float d0 = d_w[(16*mt + g    )*nblk + ib];
-                const float d1 = d_w[(16*mt + g + 8)*nblk + ib];
+                const float d0 = __half2float(b0->d);
+                const float d1 = __half2float(b1->d);
                 S[mt][0] += d0*acc[0]; S[mt][1] += d0*acc[1];
                 S[mt][2] += d1*acc[2]; S[mt][3] += d1*acc[3];
             }
@@ -290,10 +279,6 @@ static __global__ void tq_flash_attn_ext_mma(
             O[mt][2] *= KQ_max_scale[0]; O[mt][3] *= KQ_max_scale[1];
         }
 
-        __syncwarp(); // K's decoded rows are read: V goes into the same buffer
-        tq_fattn_mma_decode<bits_V, D, H_row>(H_w, d_w, V_w, lut_V, lane);
-        __syncwarp();
-
         // P [nblk][head][row] as f16, times V's block scale of the row
 #pragma unroll
         for (int ib = 0; ib < nblk; ++ib) {
@@ -302,23 +287,37 @@ static __global__ void tq_flash_attn_ext_mma(
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     const int r = 16*mt + g + 8*(e/2);
-                    P_w[(ib*8 + 2*t + e % 2)*WARP_SIZE + r] = __float2half(S[mt][e]*d_w[r*nblk + ib]);
+                    const float d = __half2float(((const block_V *) (V_w + r*stg::row_V))[ib].d);
+                    P_w[(ib*8 + 2*t + e % 2)*WARP_SIZE + r] = __float2half(S[mt][e]*d);
                 }
             }
         }
         __syncwarp();
 
-        // O^T += V^T P: A = V^T (values x rows) by ldmatrix.trans of the row-major decoded V
+        // O^T += V^T P over the rows 16kc..16kc+15: A = V^T, rows 2t, 2t+1 (and + 8) paired in each
+        // register, values 8g.. of each block (group g)
 #pragma unroll
         for (int kc = 0; kc < 2; ++kc) {
 #pragma unroll
-            for (int mt = 0; mt < D/16; ++mt) {
-                const int ib = mt / (QK_TQ/16);
+            for (int ib = 0; ib < nblk; ++ib) {
+                uint32_t w[4]; // rows 16kc + 2t, + 1, + 8, + 9
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    const block_V * b = (const block_V *) (V_w + (16*kc + 2*t + (i & 1) + 8*(i >> 1))*stg::row_V) + ib;
+                    w[i] = tq_cuda_load_group<bits_V>(b->qs, g);
+                }
                 const uint32_t b0 = *(const uint32_t *) (P_w + (ib*8 + g)*WARP_SIZE + 16*kc + 2*t);
                 const uint32_t b1 = *(const uint32_t *) (P_w + (ib*8 + g)*WARP_SIZE + 16*kc + 2*t + 8);
-                uint32_t A[4];
-                tq_ldmatrix_x4<true>(A, H_w + (16*kc + (lane & 7) + 8*(lane >> 4))*H_row + 16*mt + 8*((lane >> 3) & 1));
-                tq_mma_16816(O[mt], A, b0, b1);
+#pragma unroll
+                for (int m = 0; m < QK_TQ/16; ++m) {
+                    const int s0 = bits_V*2*m, s1 = s0 + bits_V; // values 8g + 2m (row g of the m-tile), + 1 (row g + 8)
+                    uint32_t A[4];
+                    A[0] = tq_fattn_mma_pair<bits_V>(lut_V, (w[0] >> s0) & mask_V, (w[1] >> s0) & mask_V);
+                    A[1] = tq_fattn_mma_pair<bits_V>(lut_V, (w[0] >> s1) & mask_V, (w[1] >> s1) & mask_V);
+                    A[2] = tq_fattn_mma_pair<bits_V>(lut_V, (w[2] >> s0) & mask_V, (w[3] >> s0) & mask_V);
+                    A[3] = tq_fattn_mma_pair<bits_V>(lut_V, (w[2] >> s1) & mask_V, (w[3] >> s1) & mask_V);
+                    tq_mma_16816(O[ib*(QK_TQ/16) + m], A, b0, b1);
+                }
             }
         }
         __syncwarp();
@@ -368,8 +367,9 @@ static __global__ void tq_flash_attn_ext_mma(
         const float sc = expf(KQ_max[c] - kqmax);
 #pragma unroll
         for (int mt = 0; mt < D/16; ++mt) {
-            O_sh[(warp*8 + 2*t + c)*D + 16*mt + g    ] = O[mt][c    ]*sc;
-            O_sh[(warp*8 + 2*t + c)*D + 16*mt + g + 8] = O[mt][c + 2]*sc;
+            const int i = (mt/(QK_TQ/16))*QK_TQ + 8*g + 2*(mt % (QK_TQ/16)); // back to value order
+            O_sh[(warp*8 + 2*t + c)*D + i    ] = O[mt][c    ]*sc;
+            O_sh[(warp*8 + 2*t + c)*D + i + 1] = O[mt][c + 2]*sc;
         }
     }
     __syncthreads();
