@@ -8,7 +8,8 @@
 //      block scales, in float;
 //   3. online softmax in float, as upstream's kernels (FATTN_KQ_MAX_OFFSET);
 //   4. P is written times V's block scales as f16, and O^T += V^T P by MMA, A = V^T decoded
-//      straight into fragments (a pair of two rows' centroids per lookup);
+//      straight into fragments (a pair of two rows' centroids per lookup; 2-bit V: two byte
+//      permutes of its 4 centroids held in registers, no lookup);
 // then the 4 warps combine through shared memory and the KV splits as upstream's.
 // A dot product does not depend on the order of its terms, so the fragments take the value
 // dimensions in the order the packed rows hold them: for K, thread t of a group reads the 16
@@ -22,7 +23,8 @@
 #include "tq-fattn-gqa.cuh"
 
 #define TQ_FATTN_MMA_D 128
-// 4 blocks of 4 warps per SM: registers <= 128 per thread, no spills (nvcc -Xptxas -v)
+// 4 blocks of 4 warps per SM: registers <= 128 per thread, no spills (nvcc -Xptxas -v); 5 blocks
+// (96 registers, a few spills) measured 3-6% slower at depth 8k-64k on the H100
 #define TQ_FATTN_MMA_MINBLOCKS 4
 
 template <int D, ggml_type type_K, ggml_type type_V>
@@ -71,6 +73,23 @@ static __device__ __forceinline__ uint32_t tq_fattn_mma_pair(const uint32_t * lu
     return lut[i0 | (i1 << bits)];
 }
 
+// four 2-bit indices (the low 8 bits of x), one per byte
+static __device__ __forceinline__ uint32_t tq_fattn_mma_spread2(uint32_t x) {
+    x = (x | (x << 12)) & 0x000F000Fu;
+    return (x | (x << 6)) & 0x03030303u;
+}
+
+// 2-bit V without a table lookup: q holds, nibble by nibble, the indices (i0, j0, i1, j1) of two
+// rows at two positions; the 4 centroids sit as f16 in T0, T1. The first byte permute turns each
+// index k into the selector nibbles (2k, 2k + 1) of its f16 in T, the second picks them:
+// r0 = (c[i0], c[j0]), r1 = (c[i1], c[j1])
+static __device__ __forceinline__ void tq_fattn_mma_pairs2(const uint32_t q, const uint32_t T0, const uint32_t T1,
+                                                           uint32_t & r0, uint32_t & r1) {
+    const uint32_t sel = __byte_perm(0x76543210u, 0, q);
+    r0 = __byte_perm(T0, T1, sel);
+    r1 = __byte_perm(T0, T1, sel >> 16);
+}
+
 template <int D, int ncols2, ggml_type type_K, ggml_type type_V>
 __launch_bounds__(TQ_FATTN_GQA_NTHREADS, TQ_FATTN_MMA_MINBLOCKS)
 static __global__ void tq_flash_attn_ext_mma(
@@ -107,7 +126,7 @@ static __global__ void tq_flash_attn_ext_mma(
     constexpr int nblk     = sm::nblk;
     typedef typename tq_cuda_block<bits_K>::type block_K;
     typedef typename tq_cuda_block<bits_V>::type block_V;
-    constexpr uint32_t mask_K = (1u << bits_K) - 1;
+    constexpr uint32_t pair_K = (1u << 2*bits_K) - 1;
     constexpr uint32_t mask_V = (1u << bits_V) - 1;
 
     extern __shared__ __align__(16) char smem[];
@@ -152,9 +171,20 @@ static __global__ void tq_flash_attn_ext_mma(
             const half2 p = make_half2(__float2half(cb_K[i & ((1 << bits_K) - 1)]), __float2half(cb_K[i >> bits_K]));
             lut_K[i] = *(const uint32_t *) &p;
         }
-        for (int i = tid; i < sm::n_lut_V; i += nthreads) {
+        for (int i = tid; bits_V != 2 && i < sm::n_lut_V; i += nthreads) { // 2-bit V: tq_fattn_mma_pairs2
             const half2 p = make_half2(__float2half(cb_V[i & ((1 << bits_V) - 1)]), __float2half(cb_V[i >> bits_V]));
             lut_V[i] = *(const uint32_t *) &p;
+        }
+    }
+
+    // 2-bit V: its 4 centroids as f16, (c0, c1) and (c2, c3), for tq_fattn_mma_pairs2
+    uint32_t T_V[2] = {0, 0};
+    if constexpr (bits_V == 2) {
+        const float * cb = tq_cuda_centroids<2>();
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            const half2 p = make_half2(__float2half(cb[2*i]), __float2half(cb[2*i + 1]));
+            T_V[i] = *(const uint32_t *) &p;
         }
     }
 
@@ -227,8 +257,8 @@ static __global__ void tq_flash_attn_ext_mma(
 #pragma unroll
                     for (int h = 0; h < 2; ++h) {
                         const int s0 = bits_K*(4*ks + 2*h); // indices 4ks + 2h, 4ks + 2h + 1
-                        A[2*h    ] = tq_fattn_mma_pair<bits_K>(lut_K, (w0 >> s0) & mask_K, (w0 >> (s0 + bits_K)) & mask_K);
-                        A[2*h + 1] = tq_fattn_mma_pair<bits_K>(lut_K, (w1 >> s0) & mask_K, (w1 >> (s0 + bits_K)) & mask_K);
+                        A[2*h    ] = lut_K[(uint32_t) (w0 >> s0) & pair_K];
+                        A[2*h + 1] = lut_K[(uint32_t) (w1 >> s0) & pair_K];
                     }
                     tq_mma_16816(acc, A, B_Q[ib*(QK_TQ/16) + ks][0], B_Q[ib*(QK_TQ/16) + ks][1]);
                 }
@@ -308,15 +338,34 @@ static __global__ void tq_flash_attn_ext_mma(
                 }
                 const uint32_t b0 = *(const uint32_t *) (P_w + (ib*8 + g)*WARP_SIZE + 16*kc + 2*t);
                 const uint32_t b1 = *(const uint32_t *) (P_w + (ib*8 + g)*WARP_SIZE + 16*kc + 2*t + 8);
+                if constexpr (bits_V == 2) {
+                    // byte k of q[i]: index k of rows (2t, 2t + 1) (i = 0, 1: positions 0-3, 4-7) or
+                    // (2t + 8, 2t + 9) (i = 2, 3) in its two nibbles
+                    uint32_t q[4];
 #pragma unroll
-                for (int m = 0; m < QK_TQ/16; ++m) {
-                    const int s0 = bits_V*2*m, s1 = s0 + bits_V; // values 8g + 2m (row g of the m-tile), + 1 (row g + 8)
-                    uint32_t A[4];
-                    A[0] = tq_fattn_mma_pair<bits_V>(lut_V, (w[0] >> s0) & mask_V, (w[1] >> s0) & mask_V);
-                    A[1] = tq_fattn_mma_pair<bits_V>(lut_V, (w[0] >> s1) & mask_V, (w[1] >> s1) & mask_V);
-                    A[2] = tq_fattn_mma_pair<bits_V>(lut_V, (w[2] >> s0) & mask_V, (w[3] >> s0) & mask_V);
-                    A[3] = tq_fattn_mma_pair<bits_V>(lut_V, (w[2] >> s1) & mask_V, (w[3] >> s1) & mask_V);
-                    tq_mma_16816(O[ib*(QK_TQ/16) + m], A, b0, b1);
+                    for (int i = 0; i < 4; ++i) {
+                        const int sh = 8*(i & 1), r = 2*(i >> 1);
+                        q[i] = tq_fattn_mma_spread2(w[r] >> sh) | (tq_fattn_mma_spread2(w[r + 1] >> sh) << 4);
+                    }
+#pragma unroll
+                    for (int m = 0; m < QK_TQ/16; ++m) {
+                        const int sh = 16*(m & 1);
+                        uint32_t A[4];
+                        tq_fattn_mma_pairs2(q[    m/2] >> sh, T_V[0], T_V[1], A[0], A[1]);
+                        tq_fattn_mma_pairs2(q[2 + m/2] >> sh, T_V[0], T_V[1], A[2], A[3]);
+                        tq_mma_16816(O[ib*(QK_TQ/16) + m], A, b0, b1);
+                    }
+                } else {
+#pragma unroll
+                    for (int m = 0; m < QK_TQ/16; ++m) {
+                        const int s0 = bits_V*2*m, s1 = s0 + bits_V; // values 8g + 2m (row g of the m-tile), + 1 (row g + 8)
+                        uint32_t A[4];
+                        A[0] = tq_fattn_mma_pair<bits_V>(lut_V, (w[0] >> s0) & mask_V, (w[1] >> s0) & mask_V);
+                        A[1] = tq_fattn_mma_pair<bits_V>(lut_V, (w[0] >> s1) & mask_V, (w[1] >> s1) & mask_V);
+                        A[2] = tq_fattn_mma_pair<bits_V>(lut_V, (w[2] >> s0) & mask_V, (w[3] >> s0) & mask_V);
+                        A[3] = tq_fattn_mma_pair<bits_V>(lut_V, (w[2] >> s1) & mask_V, (w[3] >> s1) & mask_V);
+                        tq_mma_16816(O[ib*(QK_TQ/16) + m], A, b0, b1);
+                    }
                 }
             }
         }
