@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from tqkv import build, parity
+from tqkv.ggml_lib import Backend
 
 from test_ggml_tests import CASES, run_backend_ops
+from test_parity import K_ROT_CASES, check_k_rot
 
 CUDA_BIN = build.Layout().bin_dir(cuda=True)
 
@@ -27,3 +29,12 @@ def test_backend_ops_cuda_vs_cpu(op: str) -> None:
 def test_parity_cuda() -> None:
     checks = parity.run(CUDA_BIN, ["CUDA0"], real=False)
     assert checks and all(c.status == "pass" for c in checks), parity.report(checks)
+
+
+@pytest.mark.parametrize("n, nrot, n_head, n_head_kv, mode", K_ROT_CASES)
+def test_fused_key_rotation_cuda(n: int, nrot: int, n_head: int, n_head_kv: int, mode: int) -> None:
+    be = Backend(CUDA_BIN, "CUDA0")
+    try:
+        check_k_rot(be, n, nrot, n_head, n_head_kv, mode)
+    finally:
+        be.close()

@@ -8,14 +8,8 @@ from pathlib import Path
 import llama_cpp
 import numpy as np
 import pytest
-import scipy.linalg
-import torch
 
-from tqkv import assets, build, runner, types
-from tqkv.ggml_lib import Backend
-
-# ggml_turbo_k_rot modes (ggml.h, patches/0010)
-ROT_SCALE, ROT_INV_SCALE, ROT_OFFSET = 1, 2, 4
+from tqkv import assets, runner, types
 
 
 def test_offset_lowers_perplexity(smollm2: Path, alice: Path, monkeypatch) -> None:
@@ -36,41 +30,6 @@ def test_channel_scale_lowers_perplexity(alice: Path, monkeypatch) -> None:
     off = runner.perplexity(gemma, alice, "tq3_0", "f16", ctx=1024, chunks=2)
     assert "per-channel scale" in on.log and "per-channel scale" not in off.log
     assert on.ppl < 0.9 * off.ppl, (on.ppl, off.ppl)  # measured: 15.59 vs 19.00
-
-
-def _k_rot_spec(x: np.ndarray, k_off: np.ndarray, nrot: int, mode: int) -> np.ndarray:
-    """H(x*a) - c or H(x/a) in float64: H the normalised Sylvester-Hadamard matrix (upstream's
-    rotation) on each run of nrot values, head h using KV head h // (n_head // n_head_kv)."""
-    n_tokens, n_head, n = x.shape
-    c, a = (np.repeat(k_off[i], n_head // k_off.shape[1], axis=0).astype(np.float64) for i in (0, 1))
-    y = x.astype(np.float64) * (a if mode & ROT_SCALE else 1.0) / (a if mode & ROT_INV_SCALE else 1.0)
-    if nrot:
-        h = scipy.linalg.hadamard(nrot) / np.sqrt(nrot)
-        y = (y.reshape(n_tokens, n_head, n // nrot, nrot) @ h.T).reshape(x.shape)
-    return y - (c if mode & ROT_OFFSET else 0.0)
-
-
-@pytest.mark.parametrize("backend", ["CPU", "CUDA0"])
-@pytest.mark.parametrize("n, nrot, n_head, n_head_kv, mode", [
-    (128, 128, 8, 8, ROT_SCALE | ROT_OFFSET), (128, 128, 32, 8, ROT_INV_SCALE), (256, 64, 4, 2, ROT_SCALE),
-    (64, 0, 4, 4, ROT_OFFSET | ROT_SCALE), (64, 64, 6, 2, 0)])
-def test_fused_rotation_matches_its_spec(bin_dir: Path, backend: str, n: int, nrot: int, n_head: int,
-                                         n_head_kv: int, mode: int) -> None:
-    # the op that replaces the scale, rotation and offset ops once they are frozen (patches/0010)
-    if backend != "CPU":
-        bin_dir = build.Layout().bin_dir(cuda=True)
-        if not (torch.cuda.is_available() and (bin_dir / "test-backend-ops").exists()):
-            pytest.skip("needs an NVIDIA GPU and `tqkv build --cuda`")
-    rng = np.random.default_rng(n + nrot + mode)
-    x = rng.standard_normal((5, n_head, n)).astype(np.float32)
-    k_off = np.stack([rng.standard_normal((n_head_kv, n)), rng.uniform(0.5, 2.0, (n_head_kv, n))]).astype(np.float32)
-    be = Backend(bin_dir, backend)
-    try:
-        y = be.turbo_k_rot(x, k_off, nrot, mode)
-    finally:
-        be.close()
-    assert y is not None, f"{backend} does not support TURBO_K_ROT"
-    np.testing.assert_allclose(y, _k_rot_spec(x, k_off, nrot, mode), rtol=1e-5, atol=1e-5)
 
 
 def test_fused_rotation_matches_the_separate_ops(alice: Path, monkeypatch) -> None:

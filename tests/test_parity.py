@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.linalg
 import torch
 import torch.nn.functional as F
 
@@ -89,3 +90,36 @@ def test_a_wrong_byte_or_value_fails(cpu: Backend) -> None:
     wrong = reference.flash_attn_ext(q, reference.decode(kb, "tq3_0").reshape(k.shape), v, 0.125)  # V not quantized
     c.add(float((torch.from_numpy(out).double() - wrong).abs().max() / v.abs().max()))
     assert c.status == "FAIL"
+
+
+# ggml_turbo_k_rot (patches/0010): the key scale, upstream's rotation and the key offset in one op
+ROT_SCALE, ROT_INV_SCALE, ROT_OFFSET = 1, 2, 4  # its modes (ggml.h)
+K_ROT_CASES = [  # n, nrot, n_head, n_head_kv, mode
+    (128, 128, 8, 8, ROT_SCALE | ROT_OFFSET), (128, 128, 32, 8, ROT_INV_SCALE), (256, 64, 4, 2, ROT_SCALE),
+    (64, 0, 4, 4, ROT_OFFSET | ROT_SCALE), (64, 64, 6, 2, 0)]
+
+
+def _k_rot_spec(x: np.ndarray, k_off: np.ndarray, nrot: int, mode: int) -> np.ndarray:
+    """H(x*a) - c or H(x/a) in float64: H the normalised Sylvester-Hadamard matrix (upstream's
+    rotation) on each run of nrot values, head h using KV head h // (n_head // n_head_kv)."""
+    n_tokens, n_head, n = x.shape
+    c, a = (np.repeat(k_off[i], n_head // k_off.shape[1], axis=0).astype(np.float64) for i in (0, 1))
+    y = x.astype(np.float64) * (a if mode & ROT_SCALE else 1.0) / (a if mode & ROT_INV_SCALE else 1.0)
+    if nrot:
+        h = scipy.linalg.hadamard(nrot) / np.sqrt(nrot)
+        y = (y.reshape(n_tokens, n_head, n // nrot, nrot) @ h.T).reshape(x.shape)
+    return y - (c if mode & ROT_OFFSET else 0.0)
+
+
+def check_k_rot(be: Backend, n: int, nrot: int, n_head: int, n_head_kv: int, mode: int) -> None:
+    rng = np.random.default_rng(n + nrot + mode)
+    x = rng.standard_normal((5, n_head, n)).astype(np.float32)
+    k_off = np.stack([rng.standard_normal((n_head_kv, n)), rng.uniform(0.5, 2.0, (n_head_kv, n))]).astype(np.float32)
+    y = be.turbo_k_rot(x, k_off, nrot, mode)
+    assert y is not None, f"{be.name} does not support TURBO_K_ROT"
+    np.testing.assert_allclose(y, _k_rot_spec(x, k_off, nrot, mode), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("n, nrot, n_head, n_head_kv, mode", K_ROT_CASES)
+def test_fused_key_rotation_matches_its_spec(cpu, n: int, nrot: int, n_head: int, n_head_kv: int, mode: int) -> None:
+    check_k_rot(cpu, n, nrot, n_head, n_head_kv, mode)
