@@ -229,12 +229,12 @@ static __global__ void tq_flash_attn_ext_gqa(
 
     // staging buffers: [stage][warp] -> 32 K rows then 32 V rows
     typedef tq_fattn_gqa_stage<D, type_K, type_V> stg;
+    // the host checked that K and V are word-aligned
 #ifdef CP_ASYNC_AVAILABLE
-    constexpr bool can_stage = stg::on;
+    constexpr bool staged = stg::on;
 #else
-    constexpr bool can_stage = false;
+    constexpr bool staged = false;
 #endif // CP_ASYNC_AVAILABLE
-    constexpr bool staged = can_stage; // the host checked that K and V are word-aligned
     // after the loop the staging buffers hold the warps' partial outputs (VKQ_parts)
     constexpr int parts_bytes = nwarps*nrows_w*D*(int) sizeof(float);
     __shared__ __align__(16) char tile[staged ? (stg::bytes > parts_bytes ? stg::bytes : parts_bytes) : 16];
