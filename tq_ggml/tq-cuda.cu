@@ -343,28 +343,13 @@ void ggml_cuda_tq_cpy(ggml_backend_cuda_context & ctx, const ggml_tensor * src0,
     }
 }
 
-// GGML_OP_TURBO_K_ROT (ggml_turbo_k_rot, tq-offset.c): one warp per run of N values of a row, lane
-// holding values j*32 + lane; the scale, the transform (upstream's fwht_cuda butterflies: lane bits
-// by shuffles, then register bits) and the offset in registers
+// GGML_OP_TURBO_K_ROT (ggml_turbo_k_rot, tq-offset.c) on one run of N values of a row, lane holding
+// values j*32 + lane: the scale and the transform (upstream's fwht_cuda butterflies: lane bits by
+// shuffles, then register bits); the offset is left to the caller
 template <int N, bool rotate>
-static __global__ void k_tq_k_rot(const char * __restrict__ x, const float * __restrict__ k_off, float * __restrict__ dst,
-        const int64_t nchunks, const int64_t n, const int64_t n_head_kv, const int64_t group, const int64_t ne1, const int64_t ne2,
-        const int64_t nb1, const int64_t nb2, const int64_t nb3, const int mode, const float scale) {
+static __device__ __forceinline__ void tq_cuda_k_rot_run(const float * xr, const float * a, const int mode, const float scale,
+                                                         const int lane, float (&reg)[N/WARP_SIZE]) {
     constexpr int el = N/WARP_SIZE;
-    const int64_t id = (int64_t) blockIdx.x*blockDim.y + threadIdx.y;
-    if (id >= nchunks) {
-        return;
-    }
-    const int     lane = threadIdx.x;
-    const int64_t c    = (id % (n/N))*N;
-    const int64_t r    = id / (n/N);
-    const int64_t i1   = r % ne1;
-    const float * xr   = (const float *) (x + i1*nb1 + ((r/ne1) % ne2)*nb2 + (r/(ne1*ne2))*nb3) + c;
-    const float * off  = k_off + (i1/group)*n + c;
-    const float * a    = off + n*n_head_kv;
-
-    ggml_cuda_pdl_sync();
-    float reg[el];
 #pragma unroll
     for (int j = 0; j < el; ++j) {
         const int i = j*WARP_SIZE + lane;
@@ -394,6 +379,28 @@ static __global__ void k_tq_k_rot(const char * __restrict__ x, const float * __r
             }
         }
     }
+}
+
+// one warp per run of N values of a row
+template <int N, bool rotate>
+static __global__ void k_tq_k_rot(const char * __restrict__ x, const float * __restrict__ k_off, float * __restrict__ dst,
+        const int64_t nchunks, const int64_t n, const int64_t n_head_kv, const int64_t group, const int64_t ne1, const int64_t ne2,
+        const int64_t nb1, const int64_t nb2, const int64_t nb3, const int mode, const float scale) {
+    constexpr int el = N/WARP_SIZE;
+    const int64_t id = (int64_t) blockIdx.x*blockDim.y + threadIdx.y;
+    if (id >= nchunks) {
+        return;
+    }
+    const int     lane = threadIdx.x;
+    const int64_t c    = (id % (n/N))*N;
+    const int64_t r    = id / (n/N);
+    const int64_t i1   = r % ne1;
+    const float * xr   = (const float *) (x + i1*nb1 + ((r/ne1) % ne2)*nb2 + (r/(ne1*ne2))*nb3) + c;
+    const float * off  = k_off + (i1/group)*n + c;
+
+    ggml_cuda_pdl_sync();
+    float reg[el];
+    tq_cuda_k_rot_run<N, rotate>(xr, off + n*n_head_kv, mode, scale, lane, reg);
     float * y = dst + r*n + c;
 #pragma unroll
     for (int j = 0; j < el; ++j) {
@@ -438,4 +445,128 @@ void ggml_cuda_tq_k_rot(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
         default: GGML_ABORT("%s: rotation size %d", __func__, nrot);
     }
     CUDA_CHECK(cudaGetLastError());
+}
+
+// TURBO_K_ROT -> VIEW -> SET_ROWS into a TurboQuant cache (build_attn's keys once the offset and
+// scale are frozen) as one kernel: each encoder warp transforms the run of N values that holds its
+// 64-value block (the run's other blocks repeat the transform: a few shuffles) and takes its pair
+// from it, so the rotated keys never go through global memory. The same float operations in the
+// same order as the two kernels: the same bytes.
+template <int bits, int nwarps, int N, bool rotate>
+static __global__ void k_tq_k_rot_set_rows(
+        const char * __restrict__ x, const float * __restrict__ k_off, const int64_t * __restrict__ idx, char * __restrict__ dst,
+        const int64_t nblocks, const int64_t n, const int64_t n_head, const int64_t n_head_kv,
+        const int64_t nbx1, const int64_t nbx2, const int64_t s10, const size_t nb1, const int mode, const float scale) {
+    static_assert(N % QK_TQ == 0, "a 64-value block within one run");
+    constexpr int el = N/WARP_SIZE;
+    const int64_t ib = nwarps == 1 ? (int64_t) blockIdx.x*TQ_CUDA_WARPS_PER_BLOCK + threadIdx.y : blockIdx.x;
+    if (ib >= nblocks) {
+        return; // the whole warp
+    }
+    const int     lane   = threadIdx.x;
+    const int64_t nb_row = n*n_head/QK_TQ;
+    const int64_t tok    = ib / nb_row;
+    const int64_t ib0    = ib % nb_row;
+    const int64_t h      = ib0*QK_TQ / n;        // head
+    const int64_t c      = ib0*QK_TQ % n / N * N; // run start in the head
+    const int     q      = ib0*QK_TQ % n % N / QK_TQ;
+    const float * xr     = (const float *) (x + h*nbx1 + tok*nbx2) + c;
+    const float * off    = k_off + (h/(n_head/n_head_kv))*n + c;
+
+    ggml_cuda_pdl_sync();
+    const int64_t dst_row = idx[tok*s10];
+    float reg[el];
+    tq_cuda_k_rot_run<N, rotate>(xr, off + n*n_head_kv, mode, scale, lane, reg);
+
+    // values i = 64q + 2*lane (+ 1) of the run: register i/32 = 2q + lane/16 of lane i % 32. Bring
+    // registers 2q, 2q + 1 to 0, 1 by halving moves (a select on q's bits): picking reg[2q] directly
+    // makes the compiler index the array in local memory
+#pragma unroll
+    for (int w = el/2; w >= 2; w /= 2) {
+        const bool up = q & (w/2);
+#pragma unroll
+        for (int j = 0; j < w; ++j) {
+            reg[j] = up ? reg[j + w] : reg[j];
+        }
+    }
+    const float lo = reg[0];
+    const float hi = reg[1];
+    const float lo0 = __shfl_sync(0xFFFFFFFF, lo, (2*lane)     % WARP_SIZE, WARP_SIZE);
+    const float hi0 = __shfl_sync(0xFFFFFFFF, hi, (2*lane)     % WARP_SIZE, WARP_SIZE);
+    const float lo1 = __shfl_sync(0xFFFFFFFF, lo, (2*lane + 1) % WARP_SIZE, WARP_SIZE);
+    const float hi1 = __shfl_sync(0xFFFFFFFF, hi, (2*lane + 1) % WARP_SIZE, WARP_SIZE);
+    const int   i   = QK_TQ*q + 2*lane;
+    float x0 = lane < WARP_SIZE/2 ? lo0 : hi0;
+    float x1 = lane < WARP_SIZE/2 ? lo1 : hi1;
+    if (mode & GGML_TURBO_K_ROT_OFFSET) {
+        x0 = x0 - off[i];
+        x1 = x1 - off[i + 1];
+    }
+    tq_cuda_quantize_block<bits, nwarps>(x0, x1, (typename tq_cuda_block<bits>::type *) (dst + dst_row*nb1) + ib0);
+}
+
+bool ggml_cuda_tq_can_fuse_k_rot_set_rows(const ggml_tensor * k_rot, const ggml_tensor * view, const ggml_tensor * set_rows) {
+    static const bool off = getenv("GGML_TQ_CUDA_NO_FUSE") != nullptr && atoi(getenv("GGML_TQ_CUDA_NO_FUSE")) != 0;
+    if (off || k_rot->op != GGML_OP_TURBO_K_ROT || view->op != GGML_OP_VIEW || set_rows->op != GGML_OP_SET_ROWS ||
+        view->src[0] != k_rot || set_rows->src[0] != view || !tq_cuda_is_turbo(set_rows->type) ||
+        !ggml_cuda_tq_supports_k_rot(k_rot)) {
+        return false;
+    }
+    const int nrot = ggml_get_op_params_i32(k_rot, 0);
+    const ggml_tensor * idx = set_rows->src[1];
+    return (nrot == 0 || nrot >= QK_TQ) && k_rot->ne[0] % QK_TQ == 0 && k_rot->ne[3] == 1 &&
+        view->view_offs == 0 && ggml_is_contiguous(view) && view->ne[0] == k_rot->ne[0]*k_rot->ne[1] &&
+        view->ne[1] == k_rot->ne[2] && view->ne[2] == 1 && view->ne[3] == 1 &&
+        set_rows->ne[0] == view->ne[0] && set_rows->ne[2] == 1 && set_rows->ne[3] == 1 &&
+        idx->type == GGML_TYPE_I64 && idx->ne[0] == view->ne[1] && idx->ne[1] == 1 && idx->ne[2] == 1;
+}
+
+template <int bits>
+static void tq_k_rot_set_rows_bits(const ggml_tensor * k_rot, ggml_tensor * set_rows, cudaStream_t stream) {
+    const ggml_tensor * x     = k_rot->src[0];
+    const ggml_tensor * k_off = k_rot->src[1];
+    const ggml_tensor * idx   = set_rows->src[1];
+    const int nrot = ggml_get_op_params_i32(k_rot, 0);
+    const int mode = ggml_get_op_params_i32(k_rot, 1);
+    const int64_t n = x->ne[0], n_head = x->ne[1];
+    const int64_t nblocks = n*n_head/QK_TQ*x->ne[2];
+    if (nblocks == 0) {
+        return;
+    }
+    const float scale = nrot > 0 ? 1.0f/sqrtf((float) nrot) : 1.0f;
+    const auto launch_n = [&](auto kernel_parallel, auto kernel_warp) {
+        const auto args = [&](auto kernel, const dim3 grid_dims, const dim3 block_dims) {
+            kernel<<<grid_dims, block_dims, 0, stream>>>((const char *) x->data, (const float *) k_off->data,
+                (const int64_t *) idx->data, (char *) set_rows->data, nblocks, n, n_head, k_off->ne[1],
+                x->nb[1], x->nb[2], idx->nb[0]/sizeof(int64_t), set_rows->nb[1], mode, scale);
+        };
+        if (nblocks <= TQ_CUDA_ENC_PARALLEL_MAX) {
+            args(kernel_parallel, dim3(nblocks, 1, 1), dim3(WARP_SIZE, TQ_SCALE_STEPS, 1));
+        } else {
+            GGML_ASSERT(nblocks/TQ_CUDA_WARPS_PER_BLOCK < INT_MAX);
+            args(kernel_warp, dim3((nblocks + TQ_CUDA_WARPS_PER_BLOCK - 1)/TQ_CUDA_WARPS_PER_BLOCK, 1, 1),
+                 dim3(WARP_SIZE, TQ_CUDA_WARPS_PER_BLOCK, 1));
+        }
+    };
+#define TQ_K_ROT_SET_ROWS(N, rot) launch_n(k_tq_k_rot_set_rows<bits, TQ_SCALE_STEPS, N, rot>, k_tq_k_rot_set_rows<bits, 1, N, rot>)
+    switch (nrot) {
+        case   0: TQ_K_ROT_SET_ROWS( 64, false); break;
+        case  64: TQ_K_ROT_SET_ROWS( 64, true);  break;
+        case 128: TQ_K_ROT_SET_ROWS(128, true);  break;
+        case 256: TQ_K_ROT_SET_ROWS(256, true);  break;
+        case 512: TQ_K_ROT_SET_ROWS(512, true);  break;
+        default: GGML_ABORT("%s: rotation size %d", __func__, nrot);
+    }
+#undef TQ_K_ROT_SET_ROWS
+    CUDA_CHECK(cudaGetLastError());
+}
+
+void ggml_cuda_tq_k_rot_set_rows(ggml_backend_cuda_context & ctx, const ggml_tensor * k_rot, ggml_tensor * set_rows) {
+    cudaStream_t stream = ctx.stream();
+    switch (set_rows->type) {
+        case GGML_TYPE_TURBO2_0: tq_k_rot_set_rows_bits<2>(k_rot, set_rows, stream); break;
+        case GGML_TYPE_TURBO3_0: tq_k_rot_set_rows_bits<3>(k_rot, set_rows, stream); break;
+        case GGML_TYPE_TURBO4_0: tq_k_rot_set_rows_bits<4>(k_rot, set_rows, stream); break;
+        default: GGML_ABORT("%s: not a TurboQuant type: %s", __func__, ggml_type_name(set_rows->type));
+    }
 }

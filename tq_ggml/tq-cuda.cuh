@@ -64,6 +64,59 @@ static __device__ __forceinline__ void dequantize_turbo(const void * vx, const i
     v.y = d * cb[(w >> bits) & mask];
 }
 
+// The contiguous F16/F32/BF16 converters (to_fp16_cuda and kin; the flash-attention prefill path
+// converts the whole K and V cache to f16 for every ubatch): a thread per group of 8 values, the
+// codebook in shared memory, one 16-byte store per thread for f16. The values of dequantize_turbo.
+template <int bits, bool vec_store, typename dst_t>
+static __global__ void k_tq_dequantize_cont(const void * __restrict__ vx, dst_t * __restrict__ y, const int64_t ngroups) {
+    constexpr uint32_t mask = (1u << bits) - 1;
+    __shared__ float cb[1 << bits];
+    if (threadIdx.x < (1 << bits)) {
+        cb[threadIdx.x] = tq_cuda_centroids<bits>()[threadIdx.x];
+    }
+    __syncthreads();
+
+    const int64_t i = (int64_t) blockIdx.x*blockDim.x + threadIdx.x;
+    if (i >= ngroups) {
+        return;
+    }
+    const typename tq_cuda_block<bits>::type * x = (const typename tq_cuda_block<bits>::type *) vx + i/8;
+    const float    d = __half2float(x->d);
+    const uint32_t w = tq_cuda_load_group<bits>(x->qs, i % 8);
+    dst_t v[8];
+#pragma unroll
+    for (int l = 0; l < 8; ++l) {
+        v[l] = ggml_cuda_cast<dst_t>(d * cb[(w >> (bits*l)) & mask]);
+    }
+    if constexpr (vec_store) {
+#pragma unroll
+        for (int j = 0; j < (int) sizeof(v)/16; ++j) {
+            ((uint4 *) (y + 8*i))[j] = ((const uint4 *) v)[j];
+        }
+    } else {
+#pragma unroll
+        for (int l = 0; l < 8; ++l) {
+            y[8*i + l] = v[l];
+        }
+    }
+}
+
+template <int bits, typename dst_t>
+static void tq_cuda_dequantize_cont(const void * __restrict__ vx, dst_t * __restrict__ y, const int64_t k, cudaStream_t stream) {
+    GGML_ASSERT(k % QK_TQ == 0);
+    const int64_t ngroups = k/8;
+    constexpr int nthreads = 256;
+    const dim3 grid_dims((ngroups + nthreads - 1)/nthreads, 1, 1);
+    if (ngroups == 0) {
+        return;
+    }
+    if ((uintptr_t) y % 16 == 0) {
+        k_tq_dequantize_cont<bits, true><<<grid_dims, nthreads, 0, stream>>>(vx, y, ngroups);
+    } else {
+        k_tq_dequantize_cont<bits, false><<<grid_dims, nthreads, 0, stream>>>(vx, y, ngroups);
+    }
+}
+
 // Flash attention. The vector kernel gives each of nthreads = 8 threads one group of 8 values per
 // 64-value block (the f16 layout: Q sits in registers as float2, scaled). The codebooks go to
 // shared memory once per thread block: a lookup there is conflict-free (<= 16 words in distinct
@@ -154,5 +207,9 @@ bool ggml_cuda_tq_supports_cpy(ggml_type src, ggml_type dst);
 // GGML_OP_TURBO_K_ROT: H(x*a) - off or H(x/a) (ggml_turbo_k_rot)
 void ggml_cuda_tq_k_rot(ggml_backend_cuda_context & ctx, ggml_tensor * dst);
 bool ggml_cuda_tq_supports_k_rot(const ggml_tensor * op);
+// TURBO_K_ROT -> VIEW -> SET_ROWS into a TurboQuant type as one kernel (ggml_cuda_try_fuse);
+// GGML_TQ_CUDA_NO_FUSE=1 keeps the two kernels, for comparison
+bool ggml_cuda_tq_can_fuse_k_rot_set_rows(const ggml_tensor * k_rot, const ggml_tensor * view, const ggml_tensor * set_rows);
+void ggml_cuda_tq_k_rot_set_rows(ggml_backend_cuda_context & ctx, const ggml_tensor * k_rot, ggml_tensor * set_rows);
 // FLASH_ATTN_EXT decode with K and V both TurboQuant (tq-fattn-gqa.cu); false: not taken, use the vector kernel
 bool ggml_cuda_tq_flash_attn_ext_gqa(ggml_backend_cuda_context & ctx, ggml_tensor * dst);

@@ -303,10 +303,13 @@ static __global__ void tq_flash_attn_ext_mma(
                 KQ_sum[e % 2] += S[mt][e];
             }
         }
+        // past the first tiles the maximum rarely moves: skip the rescale while no head's did
+        if (__any_sync(0xFFFFFFFF, KQ_max_scale[0] != 1.0f || KQ_max_scale[1] != 1.0f)) {
 #pragma unroll
-        for (int mt = 0; mt < D/16; ++mt) {
-            O[mt][0] *= KQ_max_scale[0]; O[mt][1] *= KQ_max_scale[1];
-            O[mt][2] *= KQ_max_scale[0]; O[mt][3] *= KQ_max_scale[1];
+            for (int mt = 0; mt < D/16; ++mt) {
+                O[mt][0] *= KQ_max_scale[0]; O[mt][1] *= KQ_max_scale[1];
+                O[mt][2] *= KQ_max_scale[0]; O[mt][3] *= KQ_max_scale[1];
+            }
         }
 
         // P [nblk][head][row] as f16, times V's block scale of the row
