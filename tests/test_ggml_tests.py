@@ -24,13 +24,14 @@ def test_quantize_fns(bin_dir: Path) -> None:
 # TurboQuant cases registered by patches/0004: 3 types x head sizes 64/128/256 (plus the encoder's
 # many-block path), and for FLASH_ATTN_EXT 3 batch sizes x (TQ/TQ + TQ mixed both ways with f16 and
 # q8_0) plus the GQA decode kernel's head groups, mixes and feature flags; and the fused key
-# scale/rotation/offset op (patches/0010), every case of which is ours
-CASES = {"SET_ROWS": 21, "GET_ROWS": 9, "CPY": 30, "FLASH_ATTN_EXT": 189, "TURBO_K_ROT": 25}
+# scale/rotation/offset op (patches/0010) and its store into the cache (fused on CUDA, patches/0012),
+# every case of which is ours
+CASES = {"SET_ROWS": 21, "GET_ROWS": 9, "CPY": 30, "FLASH_ATTN_EXT": 189, "TURBO_K_ROT": 28, "TURBO_K_ROT_SET_ROWS": 30}
 
 
 def run_backend_ops(bin_dir: Path, backend: str, op: str) -> str:
     """test-backend-ops on the TurboQuant cases of op; asserts that all of them ran and passed."""
-    only_tq = [] if op == "TURBO_K_ROT" else ["-p", "turbo"]
+    only_tq = [] if op.startswith("TURBO_K_ROT") else ["-p", "turbo"]
     r = subprocess.run([str(bin_dir / "test-backend-ops"), "test", "-b", backend, "-o", op, *only_tq],
                        capture_output=True, text=True, timeout=1200)
     out = re.sub(r"\x1b\[[0-9;]*m", "", r.stdout + r.stderr)

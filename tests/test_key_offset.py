@@ -34,8 +34,9 @@ def test_channel_scale_lowers_perplexity(alice: Path, monkeypatch) -> None:
 
 def test_fused_rotation_matches_the_separate_ops(alice: Path, monkeypatch) -> None:
     # Gemma-3-270M at ctx 1024: the second ubatch of each chunk runs with the scale and offset frozen,
-    # through one op per tensor or (LLAMA_TQ_K_ROT_FUSE=0) through the five it replaces; on the CPU
-    # both do the same float arithmetic in the same order
+    # through one op per tensor or (LLAMA_TQ_K_ROT_FUSE=0) through the five it replaces, and values
+    # rotate through the same op or upstream's Hadamard matmul; on the CPU both do the same float
+    # arithmetic in the same order
     gemma = assets.model("gemma3")
     fused = runner.perplexity(gemma, alice, "tq3_0", "tq2_0", ctx=1024, chunks=2)
     monkeypatch.setenv("LLAMA_TQ_K_ROT_FUSE", "0")

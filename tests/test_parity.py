@@ -94,16 +94,17 @@ def test_a_wrong_byte_or_value_fails(cpu: Backend) -> None:
 
 # ggml_turbo_k_rot (patches/0010): the key scale, upstream's rotation and the key offset in one op
 ROT_SCALE, ROT_INV_SCALE, ROT_OFFSET = 1, 2, 4  # its modes (ggml.h)
-K_ROT_CASES = [  # n, nrot, n_head, n_head_kv, mode
+K_ROT_CASES = [  # n, nrot, n_head, n_head_kv (0: no k_off, the value rotation), mode
     (128, 128, 8, 8, ROT_SCALE | ROT_OFFSET), (128, 128, 32, 8, ROT_INV_SCALE), (256, 64, 4, 2, ROT_SCALE),
-    (64, 0, 4, 4, ROT_OFFSET | ROT_SCALE), (64, 64, 6, 2, 0)]
+    (64, 0, 4, 4, ROT_OFFSET | ROT_SCALE), (64, 64, 6, 2, 0), (128, 128, 8, 0, 0)]
 
 
-def _k_rot_spec(x: np.ndarray, k_off: np.ndarray, nrot: int, mode: int) -> np.ndarray:
+def _k_rot_spec(x: np.ndarray, k_off: np.ndarray | None, nrot: int, mode: int) -> np.ndarray:
     """H(x*a) - c or H(x/a) in float64: H the normalised Sylvester-Hadamard matrix (upstream's
     rotation) on each run of nrot values, head h using KV head h // (n_head // n_head_kv)."""
     n_tokens, n_head, n = x.shape
-    c, a = (np.repeat(k_off[i], n_head // k_off.shape[1], axis=0).astype(np.float64) for i in (0, 1))
+    c, a = (0.0, 1.0) if k_off is None else \
+        (np.repeat(k_off[i], n_head // k_off.shape[1], axis=0).astype(np.float64) for i in (0, 1))
     y = x.astype(np.float64) * (a if mode & ROT_SCALE else 1.0) / (a if mode & ROT_INV_SCALE else 1.0)
     if nrot:
         h = scipy.linalg.hadamard(nrot) / np.sqrt(nrot)
@@ -114,7 +115,8 @@ def _k_rot_spec(x: np.ndarray, k_off: np.ndarray, nrot: int, mode: int) -> np.nd
 def check_k_rot(be: Backend, n: int, nrot: int, n_head: int, n_head_kv: int, mode: int) -> None:
     rng = np.random.default_rng(n + nrot + mode)
     x = rng.standard_normal((5, n_head, n)).astype(np.float32)
-    k_off = np.stack([rng.standard_normal((n_head_kv, n)), rng.uniform(0.5, 2.0, (n_head_kv, n))]).astype(np.float32)
+    k_off = np.stack([rng.standard_normal((n_head_kv, n)), rng.uniform(0.5, 2.0, (n_head_kv, n))]).astype(np.float32) \
+        if n_head_kv else None
     y = be.turbo_k_rot(x, k_off, nrot, mode)
     assert y is not None, f"{be.name} does not support TURBO_K_ROT"
     np.testing.assert_allclose(y, _k_rot_spec(x, k_off, nrot, mode), rtol=1e-5, atol=1e-5)

@@ -101,9 +101,9 @@ void ggml_compute_forward_turbo_k_rot(const struct ggml_compute_params * params,
     const int64_t n     = x->ne[0];
     const int64_t ne1   = x->ne[1];
     const int64_t nrows = ne1*x->ne[2]*x->ne[3];
-    const int64_t group = ne1/k_off->ne[1]; // query heads per KV head
-    const float * off   = (const float *) k_off->data;
-    const float * a     = off + n*k_off->ne[1];
+    const int64_t group = k_off ? ne1/k_off->ne[1] : 1; // query heads per KV head
+    const float * off   = k_off ? (const float *) k_off->data : NULL; // NULL: mode 0
+    const float * a     = k_off ? off + n*k_off->ne[1] : NULL;
     const float   scale = nrot > 0 ? 1.0f/sqrtf((float) nrot) : 1.0f;
 
     const int64_t per_thread = (nrows + params->nth - 1)/params->nth;

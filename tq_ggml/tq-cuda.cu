@@ -61,8 +61,10 @@ static __device__ __forceinline__ uint16_t tq_cuda_fp16_bits(const float f) {
 template <int bits, int nwarps>
 static __device__ void tq_cuda_quantize_block(const float x0, const float x1, typename tq_cuda_block<bits>::type * y) {
     static_assert(nwarps == 1 || nwarps == TQ_SCALE_STEPS, "one warp per block, or one per candidate");
-    const float * cb = tq_cuda_centroids<bits>();
     const int lane = threadIdx.x;
+    // the codebook across the lanes: a lookup is one shuffle (__constant__ serializes the lanes'
+    // different indices)
+    const float cb_lane = tq_cuda_centroids<bits>()[lane % (1 << bits)];
     const int warp = nwarps == 1 ? 0 : threadIdx.y;
 
     const double sumsq = tq_cuda_warp_sum((double) x0*x0 + (double) x1*x1);
@@ -82,39 +84,39 @@ static __device__ void tq_cuda_quantize_block(const float x0, const float x1, ty
             scale = __shfl_sync(0xFFFFFFFF, mine, __ffs(nan_lanes) - 1, WARP_SIZE);
         }
     } else {
-        // candidate s: gain <x,c>^2/<c,c> of its cells c, least-squares scale <x,c>/<c,c>; products
-        // of two floats are exact in float64, so only the order of the sums can differ from the CPU
-        const auto candidate = [&](const int s, double & gain, float & d) {
+        // candidate s: gain <x,c>^2/<c,c> of its cells c, least-squares scale <x,c>/<c,c> (divided
+        // out only for a new best); products of two floats are exact in float64, so only the order
+        // of the sums can differ from the CPU
+        const auto candidate = [&](const int s, double & gain, double & xc, double & cc) {
             const float sc = tq_cuda_candidate_scale(norm, s);
-            const double c0 = cb[tq_cuda_index<bits>(x0, sc)];
-            const double c1 = cb[tq_cuda_index<bits>(x1, sc)];
-            const double xc = tq_cuda_warp_sum((double) x0*c0 + (double) x1*c1);
-            const double cc = tq_cuda_warp_sum(c0*c0 + c1*c1);
+            const double c0 = __shfl_sync(0xFFFFFFFF, cb_lane, tq_cuda_index<bits>(x0, sc), WARP_SIZE);
+            const double c1 = __shfl_sync(0xFFFFFFFF, cb_lane, tq_cuda_index<bits>(x1, sc), WARP_SIZE);
+            xc   = tq_cuda_warp_sum((double) x0*c0 + (double) x1*c1);
+            cc   = tq_cuda_warp_sum(c0*c0 + c1*c1);
             gain = xc*xc/cc;
-            d    = (float) (xc/cc);
         };
         double best_gain = -1.0;
         int    best      = 0;
         if constexpr (nwarps == 1) {
             for (int s = 0; s < TQ_SCALE_STEPS; ++s) {
-                double gain;
-                float  d;
-                candidate(s, gain, d);
+                double gain, xc, cc;
+                candidate(s, gain, xc, cc);
                 if (gain > best_gain*(1.0 + TQ_SCALE_TIE)) {
                     best_gain = gain;
                     best      = s;
-                    scale     = d;
+                    scale     = (float) (xc/cc);
                 }
             }
         } else {
             __shared__ double cand_gain[TQ_SCALE_STEPS];
-            __shared__ float  cand_d[TQ_SCALE_STEPS];
-            double gain;
-            float  d;
-            candidate(warp, gain, d);
+            __shared__ double cand_xc[TQ_SCALE_STEPS];
+            __shared__ double cand_cc[TQ_SCALE_STEPS];
+            double gain, xc, cc;
+            candidate(warp, gain, xc, cc);
             if (lane == 0) {
                 cand_gain[warp] = gain;
-                cand_d[warp]    = d;
+                cand_xc[warp]   = xc;
+                cand_cc[warp]   = cc;
             }
             __syncthreads();
             if (warp != 0) {
@@ -124,8 +126,10 @@ static __device__ void tq_cuda_quantize_block(const float x0, const float x1, ty
                 if (cand_gain[s] > best_gain*(1.0 + TQ_SCALE_TIE)) {
                     best_gain = cand_gain[s];
                     best      = s;
-                    scale     = cand_d[s];
                 }
+            }
+            if (best_gain >= 0.0) {
+                scale = (float) (cand_xc[best]/cand_cc[best]);
             }
         }
         const float sc = tq_cuda_candidate_scale(norm, best);
@@ -396,11 +400,11 @@ static __global__ void k_tq_k_rot(const char * __restrict__ x, const float * __r
     const int64_t r    = id / (n/N);
     const int64_t i1   = r % ne1;
     const float * xr   = (const float *) (x + i1*nb1 + ((r/ne1) % ne2)*nb2 + (r/(ne1*ne2))*nb3) + c;
-    const float * off  = k_off + (i1/group)*n + c;
+    const float * off  = k_off ? k_off + (i1/group)*n + c : nullptr; // nullptr: mode 0
 
     ggml_cuda_pdl_sync();
     float reg[el];
-    tq_cuda_k_rot_run<N, rotate>(xr, off + n*n_head_kv, mode, scale, lane, reg);
+    tq_cuda_k_rot_run<N, rotate>(xr, off ? off + n*n_head_kv : nullptr, mode, scale, lane, reg);
     float * y = dst + r*n + c;
 #pragma unroll
     for (int j = 0; j < el; ++j) {
@@ -432,8 +436,9 @@ void ggml_cuda_tq_k_rot(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
     const dim3 block_dims(WARP_SIZE, rows_per_block, 1);
     const float scale = nrot > 0 ? 1.0f/sqrtf((float) nrot) : 1.0f;
     const auto launch = [&](auto kernel) {
-        kernel<<<grid_dims, block_dims, 0, ctx.stream()>>>((const char *) x->data, (const float *) k_off->data, (float *) dst->data,
-            nchunks, n, k_off->ne[1], x->ne[1]/k_off->ne[1], x->ne[1], x->ne[2], x->nb[1], x->nb[2], x->nb[3], mode, scale);
+        const int64_t n_head_kv = k_off ? k_off->ne[1] : x->ne[1];
+        kernel<<<grid_dims, block_dims, 0, ctx.stream()>>>((const char *) x->data, k_off ? (const float *) k_off->data : nullptr,
+            (float *) dst->data, nchunks, n, n_head_kv, x->ne[1]/n_head_kv, x->ne[1], x->ne[2], x->nb[1], x->nb[2], x->nb[3], mode, scale);
     };
     switch (nrot) {
         case   0: launch(k_tq_k_rot< 32, false>); break;
@@ -471,12 +476,12 @@ static __global__ void k_tq_k_rot_set_rows(
     const int64_t c      = ib0*QK_TQ % n / N * N; // run start in the head
     const int     q      = ib0*QK_TQ % n % N / QK_TQ;
     const float * xr     = (const float *) (x + h*nbx1 + tok*nbx2) + c;
-    const float * off    = k_off + (h/(n_head/n_head_kv))*n + c;
+    const float * off    = k_off ? k_off + (h/(n_head/n_head_kv))*n + c : nullptr; // nullptr: mode 0
 
     ggml_cuda_pdl_sync();
     const int64_t dst_row = idx[tok*s10];
     float reg[el];
-    tq_cuda_k_rot_run<N, rotate>(xr, off + n*n_head_kv, mode, scale, lane, reg);
+    tq_cuda_k_rot_run<N, rotate>(xr, off ? off + n*n_head_kv : nullptr, mode, scale, lane, reg);
 
     // values i = 64q + 2*lane (+ 1) of the run: register i/32 = 2q + lane/16 of lane i % 32. Bring
     // registers 2q, 2q + 1 to 0, 1 by halving moves (a select on q's bits): picking reg[2q] directly
@@ -536,8 +541,8 @@ static void tq_k_rot_set_rows_bits(const ggml_tensor * k_rot, ggml_tensor * set_
     const float scale = nrot > 0 ? 1.0f/sqrtf((float) nrot) : 1.0f;
     const auto launch_n = [&](auto kernel_parallel, auto kernel_warp) {
         const auto args = [&](auto kernel, const dim3 grid_dims, const dim3 block_dims) {
-            kernel<<<grid_dims, block_dims, 0, stream>>>((const char *) x->data, (const float *) k_off->data,
-                (const int64_t *) idx->data, (char *) set_rows->data, nblocks, n, n_head, k_off->ne[1],
+            kernel<<<grid_dims, block_dims, 0, stream>>>((const char *) x->data, k_off ? (const float *) k_off->data : nullptr,
+                (const int64_t *) idx->data, (char *) set_rows->data, nblocks, n, n_head, k_off ? k_off->ne[1] : n_head,
                 x->nb[1], x->nb[2], idx->nb[0]/sizeof(int64_t), set_rows->nb[1], mode, scale);
         };
         if (nblocks <= TQ_CUDA_ENC_PARALLEL_MAX) {

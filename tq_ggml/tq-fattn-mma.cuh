@@ -24,7 +24,8 @@
 
 #define TQ_FATTN_MMA_D 128
 // 4 blocks of 4 warps per SM: registers <= 128 per thread, no spills (nvcc -Xptxas -v); 5 blocks
-// (96 registers, a few spills) measured 3-6% slower at depth 8k-64k on the H100
+// (96 registers, no spills since the staging copy lost its divisions) measured 4-7% slower at
+// depth 8k-64k on the H100 (session 9 A/B)
 #define TQ_FATTN_MMA_MINBLOCKS 4
 
 template <int D, ggml_type type_K, ggml_type type_V>
@@ -33,7 +34,7 @@ struct tq_fattn_mma_smem {
     static constexpr int nwarps  = TQ_FATTN_GQA_NTHREADS/WARP_SIZE;
     static constexpr int nblk    = D/QK_TQ;
     static constexpr int n_lut_K = 1 << 2*tq_cuda_bits(type_K);
-    static constexpr int n_lut_V = 1 << 2*tq_cuda_bits(type_V);
+    static constexpr int n_lut_V = tq_cuda_bits(type_V) == 2 ? 0 : 1 << 2*tq_cuda_bits(type_V); // 2-bit V: none (byte permutes)
     // byte offsets; the staging buffers hold the warps' outputs at the end
     static constexpr int off_P   = stg::bytes;                                   // [nwarps][nblk][8][32] half
     static constexpr int off_Q   = off_P + nwarps*nblk*8*WARP_SIZE*2;            // [8][D] half
@@ -171,7 +172,7 @@ static __global__ void tq_flash_attn_ext_mma(
             const half2 p = make_half2(__float2half(cb_K[i & ((1 << bits_K) - 1)]), __float2half(cb_K[i >> bits_K]));
             lut_K[i] = *(const uint32_t *) &p;
         }
-        for (int i = tid; bits_V != 2 && i < sm::n_lut_V; i += nthreads) { // 2-bit V: tq_fattn_mma_pairs2
+        for (int i = tid; i < sm::n_lut_V; i += nthreads) {
             const half2 p = make_half2(__float2half(cb_V[i & ((1 << bits_V) - 1)]), __float2half(cb_V[i >> bits_V]));
             lut_V[i] = *(const uint32_t *) &p;
         }

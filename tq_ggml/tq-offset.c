@@ -105,14 +105,16 @@ struct ggml_tensor * ggml_turbo_k_scale(struct ggml_context * ctx, struct ggml_t
 // dst = H(x*a) - off (keys) or H(x/a) (queries), H the normalised Sylvester-Hadamard transform of
 // each run of nrot values (upstream's rotation, llama_mul_mat_hadamard), a and off the slices 1 and
 // 0 of k_off. One kernel instead of up to five per tensor and layer (CUDA section of the README).
+// Mode 0 with k_off NULL is the rotation alone (values: the store into a TurboQuant V cache).
 struct ggml_tensor * ggml_turbo_k_rot(struct ggml_context * ctx, struct ggml_tensor * x,
                                       struct ggml_tensor * k_off, int nrot, int mode) {
     const int64_t n = x->ne[0];
     GGML_ASSERT(x->type == GGML_TYPE_F32 && x->nb[0] == sizeof(float));
-    GGML_ASSERT(k_off->type == GGML_TYPE_F32 && ggml_is_contiguous(k_off));
-    GGML_ASSERT(k_off->ne[0] == n && x->ne[1] % k_off->ne[1] == 0 && k_off->ne[2] == 2);
-    GGML_ASSERT(nrot == 0 || (nrot >= 32 && (nrot & (nrot - 1)) == 0 && n % nrot == 0));
     GGML_ASSERT((mode & ~7) == 0 && (mode & 3) != 3);
+    GGML_ASSERT(k_off || mode == 0);
+    GGML_ASSERT(!k_off || (k_off->type == GGML_TYPE_F32 && ggml_is_contiguous(k_off)));
+    GGML_ASSERT(!k_off || (k_off->ne[0] == n && x->ne[1] % k_off->ne[1] == 0 && k_off->ne[2] == 2));
+    GGML_ASSERT(nrot == 0 || (nrot >= 32 && (nrot & (nrot - 1)) == 0 && n % nrot == 0));
 
     struct ggml_tensor * result = ggml_new_tensor(ctx, GGML_TYPE_F32, GGML_MAX_DIMS, x->ne);
     const int32_t params[2] = { nrot, mode };

@@ -206,13 +206,16 @@ class Backend:
                       [(src_type, (d, n), data), (dst_type, (d, n), dst)])
         return None if r is None else r[0]
 
-    def turbo_k_rot(self, x: np.ndarray, k_off: np.ndarray, nrot: int, mode: int) -> np.ndarray | None:
-        """GGML_OP_TURBO_K_ROT of x [n_tokens, n_head, n] with k_off [2, n_head_kv, n] (offset, scale)."""
+    def turbo_k_rot(self, x: np.ndarray, k_off: np.ndarray | None, nrot: int, mode: int) -> np.ndarray | None:
+        """GGML_OP_TURBO_K_ROT of x [n_tokens, n_head, n] with k_off [2, n_head_kv, n] (offset, scale),
+        or None (mode 0: the rotation alone)."""
         x = np.ascontiguousarray(x, np.float32)
         n_tokens, n_head, n = x.shape
-        k_off = np.ascontiguousarray(k_off, np.float32)
-        r = self._run(lambda ctx, tx, to: self.ggml.base.ggml_turbo_k_rot(ctx, tx, to, nrot, mode),
-                      [(TYPE_F32, (n, n_head, n_tokens), x), (TYPE_F32, (n, k_off.shape[1], 2), k_off)])
+        inputs = [(TYPE_F32, (n, n_head, n_tokens), x)]
+        if k_off is not None:
+            k_off = np.ascontiguousarray(k_off, np.float32)
+            inputs.append((TYPE_F32, (n, k_off.shape[1], 2), k_off))
+        r = self._run(lambda ctx, tx, to=None: self.ggml.base.ggml_turbo_k_rot(ctx, tx, to, nrot, mode), inputs)
         return None if r is None else r[0].view(np.float32).reshape(n_tokens, n_head, n)
 
     def flash_attn_ext(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, type_k: int, type_v: int,
