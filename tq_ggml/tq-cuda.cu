@@ -453,10 +453,10 @@ void ggml_cuda_tq_k_rot(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
 }
 
 // TURBO_K_ROT -> VIEW -> SET_ROWS into a TurboQuant cache (build_attn's keys once the offset and
-// scale are frozen) as one kernel: each encoder warp transforms the run of N values that holds its
-// 64-value block (the run's other blocks repeat the transform: a few shuffles) and takes its pair
-// from it, so the rotated keys never go through global memory. The same float operations in the
-// same order as the two kernels: the same bytes.
+// scale are frozen, its values always) as one kernel: each encoder warp transforms the run of N
+// values that holds its 64-value block (the run's other blocks repeat the transform: a few
+// shuffles) and takes its pair from it, so the rotated rows never go through global memory. The
+// same float operations in the same order as the two kernels: the same bytes.
 template <int bits, int nwarps, int N, bool rotate>
 static __global__ void k_tq_k_rot_set_rows(
         const char * __restrict__ x, const float * __restrict__ k_off, const int64_t * __restrict__ idx, char * __restrict__ dst,

@@ -71,11 +71,11 @@ static __device__ __forceinline__ void tq_cp_async_wait() {
 // index into row and word by a division: 25 instructions per 4-byte copy, 30% of the kernel's).
 template <int row_bytes>
 static __device__ __forceinline__ void tq_fattn_gqa_stage_rows(char * dst, const char * src, const int64_t nb, const int lane) {
-    constexpr int nw = row_bytes/4;
+    constexpr int nw    = row_bytes/4;
+    constexpr int chunk = 16;
 #pragma unroll
-    for (int w0 = 0; w0 < nw; w0 += 16) {
-        constexpr int full = 16;
-        const int     n    = nw - w0 < full ? nw - w0 : full; // words of this chunk (compile time once unrolled)
+    for (int w0 = 0; w0 < nw; w0 += chunk) {
+        const int     n    = nw - w0 < chunk ? nw - w0 : chunk; // words of this chunk (compile time once unrolled)
         const int     p    = n <= 1 ? 1 : n <= 2 ? 2 : n <= 4 ? 4 : n <= 8 ? 8 : 16;
         const int     rows = WARP_SIZE/p;
         const int     w    = w0 + lane % p;
