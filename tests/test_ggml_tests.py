@@ -24,9 +24,11 @@ def test_quantize_fns(bin_dir: Path) -> None:
 # TurboQuant cases registered by patches/0004: 3 types x head sizes 64/128/256 (plus the encoder's
 # many-block path), and for FLASH_ATTN_EXT 3 batch sizes x (TQ/TQ + TQ mixed both ways with f16 and
 # q8_0) plus the GQA decode kernel's head groups, mixes and feature flags; and the fused key
-# scale/rotation/offset op (patches/0010) and its store into the cache (fused on CUDA, patches/0012),
-# every case of which is ours
-CASES = {"SET_ROWS": 21, "GET_ROWS": 9, "CPY": 30, "FLASH_ATTN_EXT": 189, "TURBO_K_ROT": 28, "TURBO_K_ROT_SET_ROWS": 30}
+# scale/rotation/offset op (patches/0010), its store into the cache (fused on CUDA, patches/0012) and
+# a decode step's attention with the query's transform and the output rotation (fused on CUDA,
+# patches/0015), every case of which is ours
+CASES = {"SET_ROWS": 21, "GET_ROWS": 9, "CPY": 30, "FLASH_ATTN_EXT": 189, "TURBO_K_ROT": 28, "TURBO_K_ROT_SET_ROWS": 30,
+         "TURBO_FATTN_FUSED": 23}
 
 
 def run_backend_ops(bin_dir: Path, backend: str, op: str) -> str:

@@ -213,3 +213,7 @@ bool ggml_cuda_tq_can_fuse_k_rot_set_rows(const ggml_tensor * k_rot, const ggml_
 void ggml_cuda_tq_k_rot_set_rows(ggml_backend_cuda_context & ctx, const ggml_tensor * k_rot, ggml_tensor * set_rows);
 // FLASH_ATTN_EXT decode with K and V both TurboQuant (tq-fattn-gqa.cu); false: not taken, use the vector kernel
 bool ggml_cuda_tq_flash_attn_ext_gqa(ggml_backend_cuda_context & ctx, ggml_tensor * dst);
+// ... fused with the query's TURBO_K_ROT before it and the output's Hadamard MUL_MAT after it
+// (ggml_cuda_try_fuse): the index of the last node fused from node i (-1: none), and the call
+int  ggml_cuda_tq_fattn_fusion(const ggml_cgraph * cgraph, int i);
+void ggml_cuda_tq_fattn_fused(ggml_backend_cuda_context & ctx, const ggml_cgraph * cgraph, int i);

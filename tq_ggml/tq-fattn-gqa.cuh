@@ -116,6 +116,65 @@ static __device__ __forceinline__ tq_fattn_gqa_block tq_fattn_gqa_block_of(const
     return {sequence, kv_head, head0};
 }
 
+// What a decode kernel takes over from the nodes around its FLASH_ATTN_EXT (ggml_cuda_try_fuse,
+// tq-fattn-gqa.cu): the query's TURBO_K_ROT, so that Q holds that op's input, the unrotated rows;
+// and, for the output's Hadamard rotation, partial results even with one KV split, which
+// tq_fattn_combine then rotates.
+struct tq_fattn_fuse {
+    const float * q_k_off;  // the TURBO_K_ROT's k_off (slice 0 offset, slice 1 scale a), or null
+    int   q_k_off_heads;    // its KV heads
+    int   q_nrot;           // its rotation size, 0: none
+    int   q_mode;           // its GGML_TURBO_K_ROT_* bits
+    float q_rscale;         // 1/sqrt(q_nrot) as the op's host code computes it, or 1
+    bool  q;                // Q is the TURBO_K_ROT's input
+    bool  partials;         // write partial results and their (max, sum) for every split
+};
+
+// Q_sh[j*D + i] = scale * value i of the block's query head j. With fuse.q, Q holds a TURBO_K_ROT's
+// input and the op runs here with the float operations of k_tq_k_rot (tq-cuda.cu) in its order:
+// the scale, the factor 1/sqrt(nrot), the butterflies of h = 1, 2, 4, ... as pairs (a + b, a - b),
+// then the offset. The same values as the separate op, so fusing changes no result.
+template <int D, int ncols2>
+static __device__ __forceinline__ void tq_fattn_load_q(float * __restrict__ Q_sh, const char * __restrict__ Q, const int nb02,
+        const float scale, const tq_fattn_fuse & fuse, const int head0, const int ne02, const int tid) {
+    constexpr int nthreads = TQ_FATTN_GQA_NTHREADS;
+    if (!fuse.q) {
+        for (int i = tid; i < ncols2*D/4; i += nthreads) {
+            const int j = i / (D/4);
+            float4 q = *(const float4 *) ((const float *) (Q + j*nb02) + 4*(i % (D/4)));
+            q.x *= scale; q.y *= scale; q.z *= scale; q.w *= scale;
+            *(float4 *) (Q_sh + 4*i) = q;
+        }
+        __syncthreads();
+        return;
+    }
+    // k_off rows of the block's KV head: all ncols2 heads share it (ncols2 divides the group)
+    const int     kh  = head0 / (ne02/fuse.q_k_off_heads);
+    const float * off = fuse.q_k_off ? fuse.q_k_off + kh*D : nullptr;
+    const float * a   = fuse.q_k_off ? off + fuse.q_k_off_heads*D : nullptr;
+    for (int i = tid; i < ncols2*D; i += nthreads) {
+        const float x = ((const float *) (Q + (i/D)*nb02))[i % D];
+        const float v = fuse.q_mode & GGML_TURBO_K_ROT_SCALE ? x*a[i % D] : fuse.q_mode & GGML_TURBO_K_ROT_INV_SCALE ? x/a[i % D] : x;
+        Q_sh[i] = v*fuse.q_rscale;
+    }
+    for (int h = 1; h < fuse.q_nrot; h *= 2) {
+        __syncthreads();
+        for (int p = tid; p < ncols2*D/2; p += nthreads) {
+            const int   i  = 2*p - (p & (h - 1)); // the p-th index with bit h clear
+            const float u  = Q_sh[i];
+            const float w  = Q_sh[i + h];
+            Q_sh[i]     = u + w;
+            Q_sh[i + h] = u - w;
+        }
+    }
+    __syncthreads();
+    for (int i = tid; i < ncols2*D; i += nthreads) {
+        const float y = fuse.q_mode & GGML_TURBO_K_ROT_OFFSET ? Q_sh[i] - off[i % D] : Q_sh[i];
+        Q_sh[i] = scale*y;
+    }
+    __syncthreads();
+}
+
 // sum[j] = the share of thread g (values 8g..8g+7 of each block) of K_row . Q_j, Q (scaled) in
 // shared memory: the 8 threads of a row read 8 different float4 pairs, the row groups of a warp
 // the same ones (broadcast)
@@ -174,7 +233,8 @@ static __global__ void tq_flash_attn_ext_gqa(
                             const int32_t nb11, const int32_t nb12, const int64_t nb13,
                             const int32_t nb21, const int32_t nb22, const int64_t nb23,
                             const int32_t ne31, const int32_t ne32, const int32_t ne33,
-                            const int32_t nb31, const int32_t nb32, const int64_t nb33) {
+                            const int32_t nb31, const int32_t nb32, const int64_t nb33,
+        const tq_fattn_fuse fuse) {
     ggml_cuda_pdl_lc();
 #ifdef FLASH_ATTN_AVAILABLE
     static_assert(tq_cuda_is_turbo(type_K) && tq_cuda_is_turbo(type_V), "TurboQuant K and V only");
@@ -215,14 +275,8 @@ static __global__ void tq_flash_attn_ext_gqa(
     ggml_cuda_pdl_sync();
 
     // scaled Q of the block's heads, in shared memory (registers hold the V sums)
-    __shared__ float Q_sh[ncols2][D];
-    for (int i = tid; i < ncols2*D/4; i += nthreads) {
-        const int j = i / (D/4);
-        float4 q = *(const float4 *) ((const float *) (Q + j*nb02) + 4*(i % (D/4)));
-        q.x *= scale; q.y *= scale; q.z *= scale; q.w *= scale;
-        *(float4 *) &Q_sh[j][4*(i % (D/4))] = q;
-    }
-    __syncthreads();
+    __shared__ __align__(16) float Q_sh[ncols2][D];
+    tq_fattn_load_q<D, ncols2>(&Q_sh[0][0], Q, nb02, scale, fuse, head0, ne02, tid);
 
     float VKQ[ncols2][nblk*8]; // thread g: values ib*64 + 8g + l
     float KQ_max[ncols2];
@@ -376,6 +430,7 @@ static __global__ void tq_flash_attn_ext_gqa(
     }
 
     // combine the warps (and the row slots within a warp), one head at a time
+    const bool partials = gridDim.y != 1 || fuse.partials;
     __shared__ float KQ_max_shared[ncols2][WARP_SIZE];
     __shared__ float KQ_sum_shared[ncols2][WARP_SIZE];
     __shared__ float VKQ_parts_own[staged ? 1 : nwarps*nrows_w][D];
@@ -431,10 +486,10 @@ static __global__ void tq_flash_attn_ext_gqa(
                 for (int s = 0; s < nwarps*nrows_w; ++s) {
                     v += VKQ_parts[s][i];
                 }
-                dst[row*D + i] = gridDim.y == 1 ? v/kqsum : v;
+                dst[row*D + i] = partials ? v : v/kqsum;
             }
         }
-        if (gridDim.y != 1 && tid == 0) {
+        if (partials && tid == 0) {
             dst_meta[row] = make_float2(kqmax, kqsum);
         }
         __syncthreads();
@@ -448,37 +503,195 @@ static __global__ void tq_flash_attn_ext_gqa(
               nb11, nb12, nb13,
               nb21, nb22, nb23,
               ne31, ne32, ne33,
-              nb31, nb32, nb33);
+              nb31, nb32, nb33, fuse);
     NO_DEVICE_CODE;
 #endif // FLASH_ATTN_AVAILABLE
 }
 
+// The KV splits' partial results of one output row (as upstream's flash_attn_combine_results),
+// then, with nrot > 0, the output's Hadamard rotation of each run of nrot values: upstream's
+// fwht_cuda operations in its order (the factor rscale first, butterflies of h = 1, 2, 4, ...),
+// so a fused rotation gives the values of the separate MUL_MAT.
+template <int D>
+__launch_bounds__(D, 1)
+static __global__ void tq_fattn_combine(const float * __restrict__ parts, const float2 * __restrict__ meta, float * __restrict__ dst,
+                                        const int nparts, const int nrot, const float rscale) {
+    ggml_cuda_pdl_lc();
+    extern __shared__ float2 tq_fattn_combine_sh[];
+    float2 * m   = tq_fattn_combine_sh;    // [nparts]: (max, sum) of each split
+    float  * row = (float *) (m + nparts); // [D]
+    const int     tid = threadIdx.x;
+    const int64_t j   = ((int64_t) blockIdx.z*gridDim.x + blockIdx.x)*gridDim.y + blockIdx.y; // the kernels' row order
+    parts += j*nparts*D;
+    meta  += j*nparts;
+
+    ggml_cuda_pdl_sync();
+    for (int l = tid; l < nparts; l += D) {
+        m[l] = meta[l];
+    }
+    __syncthreads();
+
+    float kqmax = m[0].x;
+    for (int l = 1; l < nparts; ++l) {
+        kqmax = fmaxf(kqmax, m[l].x);
+    }
+    float num = 0.0f;
+    float den = 0.0f;
+    for (int l = 0; l < nparts; ++l) {
+        const float s = expf(m[l].x - kqmax);
+        num += s*parts[l*D + tid];
+        den += s*m[l].y;
+    }
+    float y = num/den;
+    if (nrot > 0) {
+        row[tid] = y*rscale;
+        for (int h = 1; h < nrot; h *= 2) {
+            __syncthreads();
+            if ((tid & h) == 0) {
+                const float u = row[tid];
+                const float w = row[tid + h];
+                row[tid]     = u + w;
+                row[tid + h] = u - w;
+            }
+        }
+        __syncthreads();
+        y = row[tid];
+    }
+    dst[j*D + tid] = y;
+}
+
+// Host side of one decode call: where Q is read and the output written (FLASH_ATTN_EXT's own
+// tensors, or those of the nodes fused around it) and what the kernel fuses
+struct tq_fattn_call {
+    const char * Q;
+    size_t       nb01, nb02, nb03;
+    float      * out;
+    int          out_nrot; // > 0: the output's Hadamard rotation, in tq_fattn_combine
+    tq_fattn_fuse fuse;
+};
+
+// The launch of a decode kernel with upstream's launch_fattn choices for one query token: the mask
+// scan for several sequences, KV splits from the occupancy and the wave efficiency. Ours, not
+// launch_fattn, so that the partial results can end in tq_fattn_combine with the output rotation.
+template <int D, int ncols2, typename kernel_t>
+static void tq_fattn_launch(ggml_backend_cuda_context & ctx, const ggml_tensor * dst, kernel_t kernel, const size_t nbytes_shared,
+                            tq_fattn_call call) {
+    constexpr int nthreads = TQ_FATTN_GQA_NTHREADS;
+    const ggml_tensor * Q     = dst->src[0];
+    const ggml_tensor * K     = dst->src[1];
+    const ggml_tensor * V     = dst->src[2];
+    const ggml_tensor * mask  = dst->src[3];
+    const ggml_tensor * sinks = dst->src[4];
+    GGML_ASSERT(Q->ne[1] == 1 && Q->ne[2] % (K->ne[2]*ncols2) == 0);
+
+    ggml_cuda_pool & pool   = ctx.pool();
+    cudaStream_t     stream = ctx.stream();
+    const int        nsm    = ggml_cuda_info().devices[ggml_cuda_get_device()].nsm;
+
+    ggml_cuda_pool_alloc<int>    KV_max(pool);
+    ggml_cuda_pool_alloc<float>  parts(pool);
+    ggml_cuda_pool_alloc<float2> meta(pool);
+
+    if (mask && K->ne[1] % FATTN_KQ_STRIDE == 0 && Q->ne[3] > 1) {
+        // sequences of different lengths: each stops at its last unmasked tile
+        KV_max.alloc(Q->ne[3]);
+        const ggml_cuda_kernel_launch_params lp(dim3(1, Q->ne[3], 1), dim3(FATTN_KQ_STRIDE/2, 1, 1), 0, stream);
+        ggml_cuda_kernel_launch(flash_attn_mask_to_KV_max<1>, lp, (const half2 *) mask->data, KV_max.ptr,
+            (int) (K->ne[1]/FATTN_KQ_STRIDE), (int64_t) (mask->nb[1]/sizeof(half2)), (int64_t) (mask->nb[3]/sizeof(half2)));
+        CUDA_CHECK(cudaGetLastError());
+    }
+
+    int max_blocks_per_sm = 1;
+    CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&max_blocks_per_sm, kernel, nthreads, nbytes_shared));
+    GGML_ASSERT(max_blocks_per_sm > 0);
+    const int ntiles_KV  = (int) ((K->ne[1] + nthreads - 1)/nthreads);
+    const int ntiles_dst = (int) (Q->ne[2]/ncols2*Q->ne[3]);
+    const int per_wave   = nsm*max_blocks_per_sm;
+    int nsplit = std::max(1, std::min(max_blocks_per_sm, ntiles_KV));
+    // the most even waves: more splits while they raise the share of busy SMs, up to one wave past 95%
+    int best_eff = 0, best_waves = 0;
+    for (int p = nsplit; p <= ntiles_KV; ++p) {
+        const int nblocks = ntiles_dst*p;
+        const int nwaves  = (nblocks + per_wave - 1)/per_wave;
+        const int eff     = 100*nblocks/(nwaves*per_wave);
+        if (best_eff >= 95 && nwaves > best_waves) {
+            break;
+        }
+        if (eff > best_eff) {
+            best_eff   = eff;
+            best_waves = nwaves;
+            nsplit     = p;
+        }
+    }
+
+    const bool partials = nsplit > 1 || call.out_nrot > 0;
+    if (partials) {
+        parts.alloc(nsplit*ggml_nelements(dst));
+        meta.alloc(nsplit*ggml_nrows(dst));
+    }
+    call.fuse.partials = partials;
+
+    float scale = 1.0f, max_bias = 0.0f, logit_softcap = 0.0f;
+    memcpy(&scale,         (const float *) dst->op_params + 0, sizeof(float));
+    memcpy(&max_bias,      (const float *) dst->op_params + 1, sizeof(float));
+    memcpy(&logit_softcap, (const float *) dst->op_params + 2, sizeof(float));
+    if (logit_softcap != 0.0f) {
+        scale /= logit_softcap;
+    }
+    const uint32_t n_head_log2 = 1u << uint32_t(floorf(log2f(float(Q->ne[2]))));
+    const float m0 = powf(2.0f, -(max_bias       )/n_head_log2);
+    const float m1 = powf(2.0f, -(max_bias/2.0f)/n_head_log2);
+
+    const ggml_cuda_kernel_launch_params lp(dim3(1, nsplit, ntiles_dst), dim3(WARP_SIZE, nthreads/WARP_SIZE, 1), nbytes_shared, stream);
+    ggml_cuda_kernel_launch(kernel, lp,
+        call.Q, (const char *) K->data, (const char *) V->data,
+        mask ? (const char *) mask->data : nullptr, sinks ? (const char *) sinks->data : nullptr,
+        (const int *) KV_max.ptr, partials ? parts.ptr : call.out, meta.ptr,
+        scale, max_bias, m0, m1, n_head_log2, logit_softcap,
+        (int32_t) Q->ne[0], init_fastdiv_values(Q->ne[1]), (int32_t) Q->ne[2], (int32_t) Q->ne[3],
+        (int32_t) call.nb01, (int32_t) call.nb02, (int32_t) call.nb03,
+        (int32_t) K->ne[0], (int32_t) K->ne[1], (int32_t) K->ne[2], (int32_t) K->ne[3],
+        (int32_t) K->nb[1], (int32_t) K->nb[2], (int64_t) K->nb[3],
+        (int32_t) V->nb[1], (int32_t) V->nb[2], (int64_t) V->nb[3],
+        mask ? (int32_t) mask->ne[1] : 0, mask ? (int32_t) mask->ne[2] : 0, mask ? (int32_t) mask->ne[3] : 0,
+        mask ? (int32_t) mask->nb[1] : 0, mask ? (int32_t) mask->nb[2] : 0, mask ? (int64_t) mask->nb[3] : 0,
+        call.fuse);
+    CUDA_CHECK(cudaGetLastError());
+
+    if (partials) {
+        const float rscale = call.out_nrot > 0 ? 1.0f/sqrtf((float) call.out_nrot) : 1.0f; // as ggml_cuda_op_fwht
+        const ggml_cuda_kernel_launch_params lpc(dim3(Q->ne[1], Q->ne[2], Q->ne[3]), dim3(D, 1, 1),
+                                                 nsplit*sizeof(float2) + D*sizeof(float), stream);
+        ggml_cuda_kernel_launch(tq_fattn_combine<D>, lpc, (const float *) parts.ptr, (const float2 *) meta.ptr, call.out,
+                                nsplit, call.out_nrot, rscale);
+        CUDA_CHECK(cudaGetLastError());
+    }
+}
+
 template <int D, int ncols2, ggml_type type_K, ggml_type type_V>
-void tq_flash_attn_ext_gqa_case(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
+void tq_flash_attn_ext_gqa_case(ggml_backend_cuda_context & ctx, const ggml_tensor * dst, const tq_fattn_call & call) {
     static_assert(tq_fattn_gqa_fits(D, ncols2), "bad D/ncols2");
-    constexpr int nwarps = TQ_FATTN_GQA_NTHREADS / WARP_SIZE;
-    launch_fattn<D, 1, ncols2>(ctx, dst, tq_flash_attn_ext_gqa<D, ncols2, type_K, type_V>, nwarps, 0,
-                               TQ_FATTN_GQA_NTHREADS, false, false, false, false);
+    tq_fattn_launch<D, ncols2>(ctx, dst, tq_flash_attn_ext_gqa<D, ncols2, type_K, type_V>, 0, call);
 }
 
 // all head sizes and head groupings of one K/V pair (instances in fattn-gqa/, one file per pair)
 #define TQ_FATTN_GQA_DECL_PAIR(PREFIX, type_K, type_V)                                                              \
-    PREFIX template void tq_flash_attn_ext_gqa_case< 64, 1, type_K, type_V>(ggml_backend_cuda_context &, ggml_tensor *); \
-    PREFIX template void tq_flash_attn_ext_gqa_case< 64, 2, type_K, type_V>(ggml_backend_cuda_context &, ggml_tensor *); \
-    PREFIX template void tq_flash_attn_ext_gqa_case< 64, 4, type_K, type_V>(ggml_backend_cuda_context &, ggml_tensor *); \
-    PREFIX template void tq_flash_attn_ext_gqa_case< 64, 8, type_K, type_V>(ggml_backend_cuda_context &, ggml_tensor *); \
-    PREFIX template void tq_flash_attn_ext_gqa_case<128, 1, type_K, type_V>(ggml_backend_cuda_context &, ggml_tensor *); \
-    PREFIX template void tq_flash_attn_ext_gqa_case<128, 2, type_K, type_V>(ggml_backend_cuda_context &, ggml_tensor *); \
-    PREFIX template void tq_flash_attn_ext_gqa_case<128, 4, type_K, type_V>(ggml_backend_cuda_context &, ggml_tensor *); \
-    PREFIX template void tq_flash_attn_ext_gqa_case<256, 1, type_K, type_V>(ggml_backend_cuda_context &, ggml_tensor *); \
-    PREFIX template void tq_flash_attn_ext_gqa_case<256, 2, type_K, type_V>(ggml_backend_cuda_context &, ggml_tensor *);
+    PREFIX template void tq_flash_attn_ext_gqa_case< 64, 1, type_K, type_V>(ggml_backend_cuda_context &, const ggml_tensor *, const tq_fattn_call &); \
+    PREFIX template void tq_flash_attn_ext_gqa_case< 64, 2, type_K, type_V>(ggml_backend_cuda_context &, const ggml_tensor *, const tq_fattn_call &); \
+    PREFIX template void tq_flash_attn_ext_gqa_case< 64, 4, type_K, type_V>(ggml_backend_cuda_context &, const ggml_tensor *, const tq_fattn_call &); \
+    PREFIX template void tq_flash_attn_ext_gqa_case< 64, 8, type_K, type_V>(ggml_backend_cuda_context &, const ggml_tensor *, const tq_fattn_call &); \
+    PREFIX template void tq_flash_attn_ext_gqa_case<128, 1, type_K, type_V>(ggml_backend_cuda_context &, const ggml_tensor *, const tq_fattn_call &); \
+    PREFIX template void tq_flash_attn_ext_gqa_case<128, 2, type_K, type_V>(ggml_backend_cuda_context &, const ggml_tensor *, const tq_fattn_call &); \
+    PREFIX template void tq_flash_attn_ext_gqa_case<128, 4, type_K, type_V>(ggml_backend_cuda_context &, const ggml_tensor *, const tq_fattn_call &); \
+    PREFIX template void tq_flash_attn_ext_gqa_case<256, 1, type_K, type_V>(ggml_backend_cuda_context &, const ggml_tensor *, const tq_fattn_call &); \
+    PREFIX template void tq_flash_attn_ext_gqa_case<256, 2, type_K, type_V>(ggml_backend_cuda_context &, const ggml_tensor *, const tq_fattn_call &);
 
 // the tensor-core variant (tq-fattn-mma.cuh) of one K/V pair, where its shared memory plan holds
 #define TQ_FATTN_MMA_DECL_PAIR(PREFIX, type_K, type_V)                                                              \
-    PREFIX template void tq_flash_attn_ext_mma_case<128, 1, type_K, type_V>(ggml_backend_cuda_context &, ggml_tensor *); \
-    PREFIX template void tq_flash_attn_ext_mma_case<128, 2, type_K, type_V>(ggml_backend_cuda_context &, ggml_tensor *); \
-    PREFIX template void tq_flash_attn_ext_mma_case<128, 4, type_K, type_V>(ggml_backend_cuda_context &, ggml_tensor *); \
-    PREFIX template void tq_flash_attn_ext_mma_case<128, 8, type_K, type_V>(ggml_backend_cuda_context &, ggml_tensor *);
+    PREFIX template void tq_flash_attn_ext_mma_case<128, 1, type_K, type_V>(ggml_backend_cuda_context &, const ggml_tensor *, const tq_fattn_call &); \
+    PREFIX template void tq_flash_attn_ext_mma_case<128, 2, type_K, type_V>(ggml_backend_cuda_context &, const ggml_tensor *, const tq_fattn_call &); \
+    PREFIX template void tq_flash_attn_ext_mma_case<128, 4, type_K, type_V>(ggml_backend_cuda_context &, const ggml_tensor *, const tq_fattn_call &); \
+    PREFIX template void tq_flash_attn_ext_mma_case<128, 8, type_K, type_V>(ggml_backend_cuda_context &, const ggml_tensor *, const tq_fattn_call &);
 
 #define TQ_FATTN_GQA_PAIRS(X)                                                                     \
     X(GGML_TYPE_TURBO2_0, GGML_TYPE_TURBO2_0) X(GGML_TYPE_TURBO2_0, GGML_TYPE_TURBO3_0) X(GGML_TYPE_TURBO2_0, GGML_TYPE_TURBO4_0) \

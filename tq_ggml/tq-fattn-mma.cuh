@@ -114,7 +114,8 @@ static __global__ void tq_flash_attn_ext_mma(
                             const int32_t nb11, const int32_t nb12, const int64_t nb13,
                             const int32_t nb21, const int32_t nb22, const int64_t nb23,
                             const int32_t ne31, const int32_t ne32, const int32_t ne33,
-                            const int32_t nb31, const int32_t nb32, const int64_t nb33) {
+                            const int32_t nb31, const int32_t nb32, const int64_t nb33,
+        const tq_fattn_fuse fuse) {
     ggml_cuda_pdl_lc();
 #if defined(FLASH_ATTN_AVAILABLE) && defined(AMPERE_MMA_AVAILABLE) && defined(CP_ASYNC_AVAILABLE)
     typedef tq_fattn_mma_smem<D, type_K, type_V> sm;
@@ -191,12 +192,16 @@ static __global__ void tq_flash_attn_ext_mma(
 
     ggml_cuda_pdl_sync();
 
-    // scaled Q as f16 [8][D], heads past ncols2 zero
-    for (int i = tid; i < 8*D; i += nthreads) {
-        const int j = i / D;
-        Q_h[i] = __float2half(j < ncols2 ? scale*((const float *) (Q + j*nb02))[i % D] : 0.0f);
+    // scaled Q as f16 [8][D], heads past ncols2 zero; in float first over the staging buffers, which
+    // the first tile's copy below has not touched yet
+    {
+        float * Q_f = (float *) smem;
+        tq_fattn_load_q<D, ncols2>(Q_f, Q, nb02, scale, fuse, head0, ne02, tid);
+        for (int i = tid; i < 8*D; i += nthreads) {
+            Q_h[i] = __float2half(i < ncols2*D ? Q_f[i] : 0.0f);
+        }
+        __syncthreads();
     }
-    __syncthreads();
 
     // B = Q^T: k = value index, n = head, in K's fragment order: k-step ks of block ib takes values
     // ib*QK_TQ + 16t' + 4ks + {0, 1 | 2, 3} at k = 2t' + {0, 1 | 8, 9}
@@ -427,6 +432,7 @@ static __global__ void tq_flash_attn_ext_mma(
     }
     __syncthreads();
 
+    const bool partials = gridDim.y != 1 || fuse.partials;
     for (int i = tid; i < ncols2*D; i += nthreads) {
         const int j = i / D;
         float kqmax = -FLT_MAX/2.0f;
@@ -442,8 +448,8 @@ static __global__ void tq_flash_attn_ext_mma(
             v     += O_sh[(w*8 + j)*D + i % D];
         }
         const int64_t row = ((int64_t) (sequence*int(ne01.z))*ne02 + head0 + j)*gridDim.y + blockIdx.y;
-        dst[row*D + i % D] = gridDim.y == 1 ? v/kqsum : v;
-        if (gridDim.y != 1 && i % D == 0) {
+        dst[row*D + i % D] = partials ? v : v/kqsum;
+        if (partials && i % D == 0) {
             dst_meta[row] = make_float2(kqmax, kqsum);
         }
     }
@@ -456,17 +462,16 @@ static __global__ void tq_flash_attn_ext_mma(
               nb11, nb12, nb13,
               nb21, nb22, nb23,
               ne31, ne32, ne33,
-              nb31, nb32, nb33);
+              nb31, nb32, nb33, fuse);
     NO_DEVICE_CODE;
 #endif // defined(FLASH_ATTN_AVAILABLE) && defined(AMPERE_MMA_AVAILABLE) && defined(CP_ASYNC_AVAILABLE)
 }
 
 template <int D, int ncols2, ggml_type type_K, ggml_type type_V>
-void tq_flash_attn_ext_mma_case(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
+void tq_flash_attn_ext_mma_case(ggml_backend_cuda_context & ctx, const ggml_tensor * dst, const tq_fattn_call & call) {
     typedef tq_fattn_mma_smem<D, type_K, type_V> sm;
     static_assert(sm::on && ncols2 <= 8, "bad D/ncols2");
-    constexpr int nwarps = TQ_FATTN_GQA_NTHREADS / WARP_SIZE;
-    fattn_kernel_t kernel = tq_flash_attn_ext_mma<D, ncols2, type_K, type_V>;
+    const auto kernel = tq_flash_attn_ext_mma<D, ncols2, type_K, type_V>;
     CUDA_SET_SHARED_MEMORY_LIMIT(kernel, sm::bytes);
-    launch_fattn<D, 1, ncols2>(ctx, dst, kernel, nwarps, sm::bytes, TQ_FATTN_GQA_NTHREADS, false, false, false, false);
+    tq_fattn_launch<D, ncols2>(ctx, dst, kernel, sm::bytes, call);
 }
