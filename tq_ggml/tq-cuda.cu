@@ -122,10 +122,26 @@ static __device__ void tq_cuda_quantize_block(const float x0, const float x1, ty
             if (warp != 0) {
                 return;
             }
-            for (int s = 0; s < TQ_SCALE_STEPS; ++s) {
-                if (cand_gain[s] > best_gain*(1.0 + TQ_SCALE_TIE)) {
-                    best_gain = cand_gain[s];
-                    best      = s;
+            // The rule's choice is within a factor 1 + TQ_SCALE_TIE of the largest gain: a best only
+            // grows, and the maximum, if not taken, lost to a best within that factor. So a maximum
+            // with no other candidate within twice that is the choice, found by a warp maximum; the
+            // rare near-ties take the rule's own scan (25 dependent steps)
+            const double g = lane < TQ_SCALE_STEPS ? cand_gain[lane] : -1.0;
+            double gmax = g;
+#pragma unroll
+            for (int offset = WARP_SIZE/2; offset > 0; offset >>= 1) {
+                gmax = fmax(gmax, __shfl_xor_sync(0xFFFFFFFF, gmax, offset, WARP_SIZE));
+            }
+            const uint32_t near = __ballot_sync(0xFFFFFFFF, lane < TQ_SCALE_STEPS && g >= gmax*(1.0 - 2*TQ_SCALE_TIE));
+            if (__popc(near) == 1) {
+                best      = __ffs(near) - 1;
+                best_gain = gmax;
+            } else {
+                for (int s = 0; s < TQ_SCALE_STEPS; ++s) {
+                    if (cand_gain[s] > best_gain*(1.0 + TQ_SCALE_TIE)) {
+                        best_gain = cand_gain[s];
+                        best      = s;
+                    }
                 }
             }
             if (best_gain >= 0.0) {

@@ -152,10 +152,23 @@ static __device__ __forceinline__ void tq_fattn_load_q(float * __restrict__ Q_sh
     const int     kh  = head0 / (ne02/fuse.q_k_off_heads);
     const float * off = fuse.q_k_off ? fuse.q_k_off + kh*D : nullptr;
     const float * a   = fuse.q_k_off ? off + fuse.q_k_off_heads*D : nullptr;
-    for (int i = tid; i < ncols2*D; i += nthreads) {
-        const float x = ((const float *) (Q + (i/D)*nb02))[i % D];
-        const float v = fuse.q_mode & GGML_TURBO_K_ROT_SCALE ? x*a[i % D] : fuse.q_mode & GGML_TURBO_K_ROT_INV_SCALE ? x/a[i % D] : x;
-        Q_sh[i] = v*fuse.q_rscale;
+    // every load before the first store, so that they are in flight together
+    constexpr int nper = (ncols2*D + nthreads - 1)/nthreads;
+    float v[nper];
+#pragma unroll
+    for (int k = 0; k < nper; ++k) {
+        const int i = k*nthreads + tid;
+        if (i < ncols2*D) {
+            const float x = ((const float *) (Q + (i/D)*nb02))[i % D];
+            v[k] = fuse.q_mode & GGML_TURBO_K_ROT_SCALE ? x*a[i % D] : fuse.q_mode & GGML_TURBO_K_ROT_INV_SCALE ? x/a[i % D] : x;
+        }
+    }
+#pragma unroll
+    for (int k = 0; k < nper; ++k) {
+        const int i = k*nthreads + tid;
+        if (i < ncols2*D) {
+            Q_sh[i] = v[k]*fuse.q_rscale;
+        }
     }
     for (int h = 1; h < fuse.q_nrot; h *= 2) {
         __syncthreads();

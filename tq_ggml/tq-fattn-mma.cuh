@@ -74,21 +74,31 @@ static __device__ __forceinline__ uint32_t tq_fattn_mma_pair(const uint32_t * lu
     return lut[i0 | (i1 << bits)];
 }
 
-// four 2-bit indices (the low 8 bits of x), one per byte
-static __device__ __forceinline__ uint32_t tq_fattn_mma_spread2(uint32_t x) {
-    x = (x | (x << 12)) & 0x000F000Fu;
-    return (x | (x << 6)) & 0x03030303u;
+// prmt.b32 as is: __byte_perm masks its selector (a LOP3 per call), which these selectors, nibbles
+// below 8 in the low 16 bits, do not need
+static __device__ __forceinline__ uint32_t tq_prmt(const uint32_t a, const uint32_t b, const uint32_t sel) {
+    uint32_t r;
+    asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(sel));
+    return r;
 }
 
-// 2-bit V without a table lookup: q holds, nibble by nibble, the indices (i0, j0, i1, j1) of two
-// rows at two positions; the 4 centroids sit as f16 in T0, T1. The first byte permute turns each
-// index k into the selector nibbles (2k, 2k + 1) of its f16 in T, the second picks them:
-// r0 = (c[i0], c[j0]), r1 = (c[i1], c[j1])
-static __device__ __forceinline__ void tq_fattn_mma_pairs2(const uint32_t q, const uint32_t T0, const uint32_t T1,
-                                                           uint32_t & r0, uint32_t & r1) {
-    const uint32_t sel = __byte_perm(0x76543210u, 0, q);
-    r0 = __byte_perm(T0, T1, sel);
-    r1 = __byte_perm(T0, T1, sel >> 16);
+// 2-bit V without a table lookup: the f16 centroid pairs (c[a_p], c[b_p]) of two rows at positions
+// p = 4h .. 4h + 3 of their 8-index groups wa, wb (16-bit words), the 4 centroids as f16 in T0, T1.
+// A byte permute puts both rows' 4 indices in one word (a_p at bit 2p, b_p at 8 + 2p), two shifts
+// and a mask per pair of positions spread them to bytes (a_p, b_p, a_p+1, b_p+1), a multiply-add
+// turns each index k into the selector nibbles (2k, 2k + 1) of its f16 in T, and a byte permute
+// per register picks them
+static __device__ __forceinline__ void tq_fattn_mma_pairs2(const uint32_t wa, const uint32_t wb, const int h,
+                                                           const uint32_t T0, const uint32_t T1, uint32_t * r) {
+    const uint32_t x  = tq_prmt(wa, wb, h ? 0x2251u : 0x2240u);
+    const uint32_t p0 = (x | (x << 14)) & 0x03030303u;        // a0, b0, a1, b1
+    const uint32_t p1 = ((x >> 4) | (x << 10)) & 0x03030303u; // a2, b2, a3, b3
+    const uint32_t s0 = p0*0x22u + 0x10101010u;
+    const uint32_t s1 = p1*0x22u + 0x10101010u;
+    r[0] = tq_prmt(T0, T1, s0);
+    r[1] = tq_prmt(T0, T1, s0 >> 16);
+    r[2] = tq_prmt(T0, T1, s1);
+    r[3] = tq_prmt(T0, T1, s1 >> 16);
 }
 
 template <int D, int ncols2, ggml_type type_K, ggml_type type_V>
@@ -348,20 +358,16 @@ static __global__ void tq_flash_attn_ext_mma(
                 const uint32_t b0 = *(const uint32_t *) (P_w + (ib*8 + g)*WARP_SIZE + 16*kc + 2*t);
                 const uint32_t b1 = *(const uint32_t *) (P_w + (ib*8 + g)*WARP_SIZE + 16*kc + 2*t + 8);
                 if constexpr (bits_V == 2) {
-                    // byte k of q[i]: index k of rows (2t, 2t + 1) (i = 0, 1: positions 0-3, 4-7) or
-                    // (2t + 8, 2t + 9) (i = 2, 3) in its two nibbles
-                    uint32_t q[4];
+                    // position p of rows (2t, 2t + 1) in lo[p], of rows (2t + 8, 2t + 9) in hi[p]
+                    uint32_t lo[8], hi[8];
 #pragma unroll
-                    for (int i = 0; i < 4; ++i) {
-                        const int sh = 8*(i & 1), r = 2*(i >> 1);
-                        q[i] = tq_fattn_mma_spread2(w[r] >> sh) | (tq_fattn_mma_spread2(w[r + 1] >> sh) << 4);
+                    for (int h = 0; h < 2; ++h) {
+                        tq_fattn_mma_pairs2(w[0], w[1], h, T_V[0], T_V[1], lo + 4*h);
+                        tq_fattn_mma_pairs2(w[2], w[3], h, T_V[0], T_V[1], hi + 4*h);
                     }
 #pragma unroll
                     for (int m = 0; m < QK_TQ/16; ++m) {
-                        const int sh = 16*(m & 1);
-                        uint32_t A[4];
-                        tq_fattn_mma_pairs2(q[    m/2] >> sh, T_V[0], T_V[1], A[0], A[1]);
-                        tq_fattn_mma_pairs2(q[2 + m/2] >> sh, T_V[0], T_V[1], A[2], A[3]);
+                        const uint32_t A[4] = {lo[2*m], lo[2*m + 1], hi[2*m], hi[2*m + 1]};
                         tq_mma_16816(O[ib*(QK_TQ/16) + m], A, b0, b1);
                     }
                 } else {
