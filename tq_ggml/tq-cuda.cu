@@ -2,8 +2,8 @@
 // them. A warp (or, for a few blocks, a thread block) encodes one 64-value block, lane l holding
 // values 2l and 2l+1, with the scale search of tq-quants.c: float thresholds from correctly
 // rounded products (__fmul_rn/__fdiv_rn, as this file is built with fast math), float64 sums, the
-// same tie rule. Only the order of the float64 sums differs (a butterfly instead of a loop); the
-// tie rule is 1e-9 relative, far above that rounding, so the bytes match the CPU's.
+// same tie rule. The warp path sums in the CPU's order; the thread-block path (decode) sums by a
+// butterfly, whose rounding the tie rule's 1e-9 relative margin dwarfs: the bytes match the CPU's.
 #include "tq-cuda.cuh"
 
 static __constant__ float tq_cuda_boundaries_2[3]  = TQ_BOUNDARIES_2;
@@ -53,18 +53,45 @@ static __device__ __forceinline__ uint16_t tq_cuda_fp16_bits(const float f) {
     return __half_as_ushort(__float2half_rn(f));
 }
 
+// The candidate the CPU's rule picks (tq-quants.c: in order, a new best must beat the last by a
+// factor 1 + TQ_SCALE_TIE), lane s holding candidate s's gain g (other lanes: anything). The rule's
+// choice lies within that factor of the largest gain: a best only grows, and the maximum, if not
+// taken, lost to a best within that factor. So a maximum with no other candidate within twice the
+// factor is the choice (a warp maximum and a ballot); the rare near-ties take the rule's own scan
+// (25 dependent steps). -1: none taken (NaN gains), where the CPU keeps candidate 0's indices and
+// the norm as scale.
+static __device__ __forceinline__ int tq_cuda_pick_candidate(const double g, const int lane) {
+    const bool cand = lane < TQ_SCALE_STEPS;
+    double gmax = cand ? g : -1.0;
+#pragma unroll
+    for (int offset = WARP_SIZE/2; offset > 0; offset >>= 1) {
+        gmax = fmax(gmax, __shfl_xor_sync(0xFFFFFFFF, gmax, offset, WARP_SIZE));
+    }
+    const uint32_t near = __ballot_sync(0xFFFFFFFF, cand && g >= gmax*(1.0 - 2*TQ_SCALE_TIE));
+    if (__popc(near) == 1) {
+        return __ffs(near) - 1;
+    }
+    double best_gain = -1.0;
+    int    best      = -1;
+    for (int s = 0; s < TQ_SCALE_STEPS; ++s) {
+        const double gs = __shfl_sync(0xFFFFFFFF, g, s, WARP_SIZE);
+        if (gs > best_gain*(1.0 + TQ_SCALE_TIE)) {
+            best_gain = gs;
+            best      = s;
+        }
+    }
+    return best;
+}
+
 // The scale search of one block, lane l of a warp holding values 2l and 2l+1, in one of two shapes:
-// nwarps == 1: the warp tries every candidate scale in turn (prompts: many blocks, throughput);
-// nwarps == TQ_SCALE_STEPS: the warps of a thread block share one block, warp s trying candidate s,
-// and warp 0 scans their results (decode: a few blocks per layer, so latency counts). Both take
-// candidates in order with the CPU's tie rule: the same bytes.
+// nwarps == 1: lane s of the warp tries candidate s over the block's 64 values in the CPU's order
+// (prompts: many blocks, throughput); nwarps == TQ_SCALE_STEPS: the warps of a thread block share
+// one block, warp s trying candidate s with warp sums (decode: a few blocks per layer, latency
+// counts). Both pick with the CPU's rule: the same bytes.
 template <int bits, int nwarps>
 static __device__ void tq_cuda_quantize_block(const float x0, const float x1, typename tq_cuda_block<bits>::type * y) {
     static_assert(nwarps == 1 || nwarps == TQ_SCALE_STEPS, "one warp per block, or one per candidate");
     const int lane = threadIdx.x;
-    // the codebook across the lanes: a lookup is one shuffle (__constant__ serializes the lanes'
-    // different indices)
-    const float cb_lane = tq_cuda_centroids<bits>()[lane % (1 << bits)];
     const int warp = nwarps == 1 ? 0 : threadIdx.y;
 
     const double sumsq = tq_cuda_warp_sum((double) x0*x0 + (double) x1*x1);
@@ -84,37 +111,57 @@ static __device__ void tq_cuda_quantize_block(const float x0, const float x1, ty
             scale = __shfl_sync(0xFFFFFFFF, mine, __ffs(nan_lanes) - 1, WARP_SIZE);
         }
     } else {
-        // candidate s: gain <x,c>^2/<c,c> of its cells c, least-squares scale <x,c>/<c,c> (divided
-        // out only for a new best); products of two floats are exact in float64, so only the order
-        // of the sums can differ from the CPU
-        const auto candidate = [&](const int s, double & gain, double & xc, double & cc) {
-            const float sc = tq_cuda_candidate_scale(norm, s);
+        // candidate s: gain <x,c>^2/<c,c> of its cells c and least-squares scale <x,c>/<c,c>;
+        // products of two floats are exact in float64, so only the order of sums could differ from
+        // the CPU (the tie factor is far above that rounding)
+        int    best;
+        double xc_best;
+        double cc_best;
+        if constexpr (nwarps == 1) {
+            // the CPU's loop order: value pairs arrive by shuffles, thresholds and centroids sit in
+            // registers, and the centroid is picked by selects along the ascending thresholds
+            const float * bnd = tq_cuda_boundaries<bits>();
+            const float * cbk = tq_cuda_centroids<bits>();
+            const float   sc  = tq_cuda_candidate_scale(norm, lane < TQ_SCALE_STEPS ? lane : 0);
+            float thr[(1 << bits) - 1];
+            float cen[1 << bits];
+#pragma unroll
+            for (int j = 0; j < (1 << bits) - 1; ++j) {
+                thr[j] = __fmul_rn(bnd[j], sc);
+            }
+#pragma unroll
+            for (int j = 0; j < (1 << bits); ++j) {
+                cen[j] = cbk[j];
+            }
+            double xc = 0.0;
+            double cc = 0.0;
+#pragma unroll 8
+            for (int i = 0; i < QK_TQ; ++i) {
+                const float v = __shfl_sync(0xFFFFFFFF, i % 2 ? x1 : x0, i/2, WARP_SIZE);
+                float c = cen[0];
+#pragma unroll
+                for (int j = 0; j < (1 << bits) - 1; ++j) {
+                    c = v > thr[j] ? cen[j + 1] : c;
+                }
+                xc += (double) v*c;
+                cc += (double) c*c;
+            }
+            best    = tq_cuda_pick_candidate(xc*xc/cc, lane);
+            xc_best = __shfl_sync(0xFFFFFFFF, xc, best < 0 ? 0 : best, WARP_SIZE);
+            cc_best = __shfl_sync(0xFFFFFFFF, cc, best < 0 ? 0 : best, WARP_SIZE);
+        } else {
+            // the codebook across the lanes: a lookup is one shuffle
+            const float cb_lane = tq_cuda_centroids<bits>()[lane % (1 << bits)];
+            const float sc = tq_cuda_candidate_scale(norm, warp);
             const double c0 = __shfl_sync(0xFFFFFFFF, cb_lane, tq_cuda_index<bits>(x0, sc), WARP_SIZE);
             const double c1 = __shfl_sync(0xFFFFFFFF, cb_lane, tq_cuda_index<bits>(x1, sc), WARP_SIZE);
-            xc   = tq_cuda_warp_sum((double) x0*c0 + (double) x1*c1);
-            cc   = tq_cuda_warp_sum(c0*c0 + c1*c1);
-            gain = xc*xc/cc;
-        };
-        double best_gain = -1.0;
-        int    best      = 0;
-        if constexpr (nwarps == 1) {
-            for (int s = 0; s < TQ_SCALE_STEPS; ++s) {
-                double gain, xc, cc;
-                candidate(s, gain, xc, cc);
-                if (gain > best_gain*(1.0 + TQ_SCALE_TIE)) {
-                    best_gain = gain;
-                    best      = s;
-                    scale     = (float) (xc/cc);
-                }
-            }
-        } else {
+            const double xc = tq_cuda_warp_sum((double) x0*c0 + (double) x1*c1);
+            const double cc = tq_cuda_warp_sum(c0*c0 + c1*c1);
             __shared__ double cand_gain[TQ_SCALE_STEPS];
             __shared__ double cand_xc[TQ_SCALE_STEPS];
             __shared__ double cand_cc[TQ_SCALE_STEPS];
-            double gain, xc, cc;
-            candidate(warp, gain, xc, cc);
             if (lane == 0) {
-                cand_gain[warp] = gain;
+                cand_gain[warp] = xc*xc/cc;
                 cand_xc[warp]   = xc;
                 cand_cc[warp]   = cc;
             }
@@ -122,31 +169,14 @@ static __device__ void tq_cuda_quantize_block(const float x0, const float x1, ty
             if (warp != 0) {
                 return;
             }
-            // The rule's choice is within a factor 1 + TQ_SCALE_TIE of the largest gain: a best only
-            // grows, and the maximum, if not taken, lost to a best within that factor. So a maximum
-            // with no other candidate within twice that is the choice, found by a warp maximum; the
-            // rare near-ties take the rule's own scan (25 dependent steps)
-            const double g = lane < TQ_SCALE_STEPS ? cand_gain[lane] : -1.0;
-            double gmax = g;
-#pragma unroll
-            for (int offset = WARP_SIZE/2; offset > 0; offset >>= 1) {
-                gmax = fmax(gmax, __shfl_xor_sync(0xFFFFFFFF, gmax, offset, WARP_SIZE));
-            }
-            const uint32_t near = __ballot_sync(0xFFFFFFFF, lane < TQ_SCALE_STEPS && g >= gmax*(1.0 - 2*TQ_SCALE_TIE));
-            if (__popc(near) == 1) {
-                best      = __ffs(near) - 1;
-                best_gain = gmax;
-            } else {
-                for (int s = 0; s < TQ_SCALE_STEPS; ++s) {
-                    if (cand_gain[s] > best_gain*(1.0 + TQ_SCALE_TIE)) {
-                        best_gain = cand_gain[s];
-                        best      = s;
-                    }
-                }
-            }
-            if (best_gain >= 0.0) {
-                scale = (float) (cand_xc[best]/cand_cc[best]);
-            }
+            best    = tq_cuda_pick_candidate(lane < TQ_SCALE_STEPS ? cand_gain[lane] : -1.0, lane);
+            xc_best = cand_xc[best < 0 ? 0 : best];
+            cc_best = cand_cc[best < 0 ? 0 : best];
+        }
+        if (best >= 0) {
+            scale = (float) (xc_best/cc_best);
+        } else {
+            best = 0;
         }
         const float sc = tq_cuda_candidate_scale(norm, best);
         k0 = tq_cuda_index<bits>(x0, sc);
