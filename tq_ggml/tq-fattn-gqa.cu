@@ -105,11 +105,8 @@ static void tq_fattn_gqa_run(ggml_backend_cuda_context & ctx, const ggml_tensor 
     GGML_ABORT("%s: no decode kernel for %s/%s", __func__, ggml_type_name(K->type), ggml_type_name(V->type));
 }
 
-bool ggml_cuda_tq_flash_attn_ext_gqa(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
-    const int ncols2 = tq_fattn_gqa_ncols2(dst);
-    if (ncols2 == 0) {
-        return false;
-    }
+// the call that reads FLASH_ATTN_EXT's own Q and writes its own output, nothing fused
+static tq_fattn_call tq_fattn_call_of(const ggml_tensor * dst) {
     const ggml_tensor * Q = dst->src[0];
     tq_fattn_call call = {};
     call.Q    = (const char *) Q->data;
@@ -117,7 +114,15 @@ bool ggml_cuda_tq_flash_attn_ext_gqa(ggml_backend_cuda_context & ctx, ggml_tenso
     call.nb02 = Q->nb[2];
     call.nb03 = Q->nb[3];
     call.out  = (float *) dst->data;
-    tq_fattn_gqa_run(ctx, dst, ncols2, call);
+    return call;
+}
+
+bool ggml_cuda_tq_flash_attn_ext_gqa(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
+    const int ncols2 = tq_fattn_gqa_ncols2(dst);
+    if (ncols2 == 0) {
+        return false;
+    }
+    tq_fattn_gqa_run(ctx, dst, ncols2, tq_fattn_call_of(dst));
     return true;
 }
 
@@ -221,13 +226,7 @@ int ggml_cuda_tq_fattn_fusion(const ggml_cgraph * cgraph, const int i) {
 void ggml_cuda_tq_fattn_fused(ggml_backend_cuda_context & ctx, const ggml_cgraph * cgraph, const int i) {
     tq_fattn_fusion f;
     GGML_ASSERT(tq_fattn_fusion_at(cgraph, i, f));
-    const ggml_tensor * Q = f.fa->src[0];
-    tq_fattn_call call = {};
-    call.Q    = (const char *) Q->data;
-    call.nb01 = Q->nb[1];
-    call.nb02 = Q->nb[2];
-    call.nb03 = Q->nb[3];
-    call.out  = (float *) f.fa->data;
+    tq_fattn_call call = tq_fattn_call_of(f.fa);
     if (f.q_rot) {
         const ggml_tensor * x     = f.q_rot->src[0];
         const ggml_tensor * k_off = f.q_rot->src[1];

@@ -5,7 +5,8 @@
 // it). Layout as the vector kernel's f16 case: 128 threads, a tile of 128 KV rows per step; for
 // K.Q, 8 threads per row with thread g taking group g (values 8g..8g+7) of every 64-value block,
 // Q of all ncols2 heads in shared memory; for V, the same 8-thread split per row, each warp
-// accumulating its own 32 rows in registers. Partial results (split KV, across warps) combine as upstream's.
+// accumulating its own 32 rows in registers. The warps combine in shared memory, the KV splits in
+// tq_fattn_combine (upstream's arithmetic, plus a fused output rotation).
 // Numerics: float throughout (scores, weights, accumulators); decoded values are d * centroid as in
 // tq-quants.c, the products only rounded in another order.
 #pragma once

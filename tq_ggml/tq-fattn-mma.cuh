@@ -10,7 +10,7 @@
 //   4. P is written times V's block scales as f16, and O^T += V^T P by MMA, A = V^T decoded
 //      straight into fragments (a pair of two rows' centroids per lookup; 2-bit V: two byte
 //      permutes of its 4 centroids held in registers, no lookup);
-// then the 4 warps combine through shared memory and the KV splits as upstream's.
+// then the 4 warps combine through shared memory and the KV splits in tq_fattn_combine.
 // A dot product does not depend on the order of its terms, so the fragments take the value
 // dimensions in the order the packed rows hold them: for K, thread t of a group reads the 16
 // consecutive indices 16t.. of each block (Q's B fragment follows the same order); for V, group g
