@@ -217,6 +217,7 @@ static __global__ void k_tq_set_rows(
         const int64_t s01, const int64_t s02, const int64_t s03,
         const int64_t s10, const int64_t s11, const int64_t s12,
         const size_t nb1, const size_t nb2, const size_t nb3) {
+    ggml_cuda_pdl_lc();
     const int64_t ib = nwarps == 1 ? (int64_t) blockIdx.x*TQ_CUDA_WARPS_PER_BLOCK + threadIdx.y : blockIdx.x;
     if (ib >= nblocks) {
         return; // the whole warp
@@ -247,7 +248,7 @@ static void tq_set_rows_launch(const ggml_tensor * src0, const ggml_tensor * src
         return;
     }
     const auto launch = [&](auto kernel, const dim3 grid_dims, const dim3 block_dims) {
-        kernel<<<grid_dims, block_dims, 0, stream>>>(
+        ggml_cuda_kernel_launch(kernel, ggml_cuda_kernel_launch_params(grid_dims, block_dims, 0, stream),
             (const src_t *) src0->data, (const idx_t *) src1->data, (char *) dst->data,
             nblocks, nb_row, ne01, ne02, ne11, ne12,
             nb01/sizeof(src_t), nb02/sizeof(src_t), nb03/sizeof(src_t),
@@ -307,6 +308,7 @@ static __device__ __forceinline__ int64_t tq_cuda_offset(const tq_cpy_shape & s,
 template <int bits, int nwarps, typename src_t>
 static __global__ void k_tq_cpy_to(const char * __restrict__ cx, char * __restrict__ cdst, const int64_t nblocks,
                                    const tq_cpy_shape src, const tq_cpy_shape dst) {
+    ggml_cuda_pdl_lc();
     const int64_t ib = nwarps == 1 ? (int64_t) blockIdx.x*TQ_CUDA_WARPS_PER_BLOCK + threadIdx.y : blockIdx.x;
     if (ib >= nblocks) {
         return;
@@ -323,6 +325,7 @@ static __global__ void k_tq_cpy_to(const char * __restrict__ cx, char * __restri
 template <int bits, typename dst_t>
 static __global__ void k_tq_cpy_from(const char * __restrict__ cx, char * __restrict__ cdst, const int64_t ne,
                                      const tq_cpy_shape src, const tq_cpy_shape dst) {
+    ggml_cuda_pdl_lc();
     const int64_t e = 2*((int64_t) blockIdx.x*blockDim.x + threadIdx.x);
     if (e >= ne) {
         return;
@@ -347,10 +350,11 @@ static void tq_cpy_bits(const ggml_tensor * src0, ggml_tensor * src1, const tq_c
     if (tq_cuda_is_turbo(src1->type)) {
         const int64_t nblocks = ne/QK_TQ;
         const auto launch = [&](auto kernel_f32, auto kernel_f16, const dim3 grid_dims, const dim3 block_dims) {
+            const ggml_cuda_kernel_launch_params lp(grid_dims, block_dims, 0, stream);
             if (src0->type == GGML_TYPE_F32) {
-                kernel_f32<<<grid_dims, block_dims, 0, stream>>>((const char *) src0->data, (char *) src1->data, nblocks, s, d);
+                ggml_cuda_kernel_launch(kernel_f32, lp, (const char *) src0->data, (char *) src1->data, nblocks, s, d);
             } else {
-                kernel_f16<<<grid_dims, block_dims, 0, stream>>>((const char *) src0->data, (char *) src1->data, nblocks, s, d);
+                ggml_cuda_kernel_launch(kernel_f16, lp, (const char *) src0->data, (char *) src1->data, nblocks, s, d);
             }
         };
         if (nblocks <= TQ_CUDA_ENC_PARALLEL_MAX) {
@@ -364,11 +368,11 @@ static void tq_cpy_bits(const ggml_tensor * src0, ggml_tensor * src1, const tq_c
     } else {
         const int64_t npairs = ne/2;
         const int     nthr   = 256;
-        const dim3    grid_dims((npairs + nthr - 1)/nthr, 1, 1);
+        const ggml_cuda_kernel_launch_params lp(dim3((npairs + nthr - 1)/nthr, 1, 1), dim3(nthr, 1, 1), 0, stream);
         if (src1->type == GGML_TYPE_F32) {
-            k_tq_cpy_from<bits, float><<<grid_dims, nthr, 0, stream>>>((const char *) src0->data, (char *) src1->data, ne, s, d);
+            ggml_cuda_kernel_launch(k_tq_cpy_from<bits, float>, lp, (const char *) src0->data, (char *) src1->data, ne, s, d);
         } else {
-            k_tq_cpy_from<bits, half><<<grid_dims, nthr, 0, stream>>>((const char *) src0->data, (char *) src1->data, ne, s, d);
+            ggml_cuda_kernel_launch(k_tq_cpy_from<bits, half>, lp, (const char *) src0->data, (char *) src1->data, ne, s, d);
         }
     }
     CUDA_CHECK(cudaGetLastError());
@@ -436,6 +440,7 @@ template <int N, bool rotate>
 static __global__ void k_tq_k_rot(const char * __restrict__ x, const float * __restrict__ k_off, float * __restrict__ dst,
         const int64_t nchunks, const int64_t n, const int64_t n_head_kv, const int64_t group, const int64_t ne1, const int64_t ne2,
         const int64_t nb1, const int64_t nb2, const int64_t nb3, const int mode, const float scale) {
+    ggml_cuda_pdl_lc();
     constexpr int el = N/WARP_SIZE;
     const int64_t id = (int64_t) blockIdx.x*blockDim.y + threadIdx.y;
     if (id >= nchunks) {
@@ -483,7 +488,8 @@ void ggml_cuda_tq_k_rot(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
     const float scale = nrot > 0 ? 1.0f/sqrtf((float) nrot) : 1.0f;
     const auto launch = [&](auto kernel) {
         const int64_t n_head_kv = k_off ? k_off->ne[1] : x->ne[1];
-        kernel<<<grid_dims, block_dims, 0, ctx.stream()>>>((const char *) x->data, k_off ? (const float *) k_off->data : nullptr,
+        ggml_cuda_kernel_launch(kernel, ggml_cuda_kernel_launch_params(grid_dims, block_dims, 0, ctx.stream()),
+            (const char *) x->data, k_off ? (const float *) k_off->data : nullptr,
             (float *) dst->data, nchunks, n, n_head_kv, x->ne[1]/n_head_kv, x->ne[1], x->ne[2], x->nb[1], x->nb[2], x->nb[3], mode, scale);
     };
     switch (nrot) {
@@ -509,6 +515,7 @@ static __global__ void k_tq_k_rot_set_rows(
         const int64_t nblocks, const int64_t n, const int64_t n_head, const int64_t n_head_kv,
         const int64_t nbx1, const int64_t nbx2, const int64_t s10, const size_t nb1, const int mode, const float scale) {
     static_assert(N % QK_TQ == 0, "a 64-value block within one run");
+    ggml_cuda_pdl_lc();
     constexpr int el = N/WARP_SIZE;
     const int64_t ib = nwarps == 1 ? (int64_t) blockIdx.x*TQ_CUDA_WARPS_PER_BLOCK + threadIdx.y : blockIdx.x;
     if (ib >= nblocks) {
@@ -587,7 +594,8 @@ static void tq_k_rot_set_rows_bits(const ggml_tensor * k_rot, ggml_tensor * set_
     const float scale = nrot > 0 ? 1.0f/sqrtf((float) nrot) : 1.0f;
     const auto launch_n = [&](auto kernel_parallel, auto kernel_warp) {
         const auto args = [&](auto kernel, const dim3 grid_dims, const dim3 block_dims) {
-            kernel<<<grid_dims, block_dims, 0, stream>>>((const char *) x->data, k_off ? (const float *) k_off->data : nullptr,
+            ggml_cuda_kernel_launch(kernel, ggml_cuda_kernel_launch_params(grid_dims, block_dims, 0, stream),
+                (const char *) x->data, k_off ? (const float *) k_off->data : nullptr,
                 (const int64_t *) idx->data, (char *) set_rows->data, nblocks, n, n_head, k_off ? k_off->ne[1] : n_head,
                 x->nb[1], x->nb[2], idx->nb[0]/sizeof(int64_t), set_rows->nb[1], mode, scale);
         };

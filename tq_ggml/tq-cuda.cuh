@@ -69,6 +69,7 @@ static __device__ __forceinline__ void dequantize_turbo(const void * vx, const i
 // codebook in shared memory, one 16-byte store per thread for f16. The values of dequantize_turbo.
 template <int bits, bool vec_store, typename dst_t>
 static __global__ void k_tq_dequantize_cont(const void * __restrict__ vx, dst_t * __restrict__ y, const int64_t ngroups) {
+    ggml_cuda_pdl_lc();
     constexpr uint32_t mask = (1u << bits) - 1;
     __shared__ float cb[1 << bits];
     if (threadIdx.x < (1 << bits)) {
@@ -80,6 +81,7 @@ static __global__ void k_tq_dequantize_cont(const void * __restrict__ vx, dst_t 
     if (i >= ngroups) {
         return;
     }
+    ggml_cuda_pdl_sync();
     const typename tq_cuda_block<bits>::type * x = (const typename tq_cuda_block<bits>::type *) vx + i/8;
     const float    d = __half2float(x->d);
     const uint32_t w = tq_cuda_load_group<bits>(x->qs, i % 8);
@@ -110,10 +112,11 @@ static void tq_cuda_dequantize_cont(const void * __restrict__ vx, dst_t * __rest
     if (ngroups == 0) {
         return;
     }
+    const ggml_cuda_kernel_launch_params lp(grid_dims, dim3(nthreads, 1, 1), 0, stream);
     if ((uintptr_t) y % 16 == 0) {
-        k_tq_dequantize_cont<bits, true><<<grid_dims, nthreads, 0, stream>>>(vx, y, ngroups);
+        ggml_cuda_kernel_launch(k_tq_dequantize_cont<bits, true, dst_t>, lp, vx, y, ngroups);
     } else {
-        k_tq_dequantize_cont<bits, false><<<grid_dims, nthreads, 0, stream>>>(vx, y, ngroups);
+        ggml_cuda_kernel_launch(k_tq_dequantize_cont<bits, false, dst_t>, lp, vx, y, ngroups);
     }
 }
 

@@ -131,6 +131,23 @@ struct tq_fattn_fuse {
     bool  partials;         // write partial results and their (max, sum) for every split
 };
 
+// The butterflies of upstream's fwht_cuda (and of k_tq_k_rot) over x[0, n) in shared memory, each
+// run of nrot values by itself: h = 1, 2, 4, ... < nrot, pairs (u + w, u - w). The block
+// synchronizes before each step and after the last.
+static __device__ __forceinline__ void tq_fattn_hadamard_sh(float * x, const int n, const int nrot, const int tid, const int nthreads) {
+    for (int h = 1; h < nrot; h *= 2) {
+        __syncthreads();
+        for (int p = tid; p < n/2; p += nthreads) {
+            const int   i = 2*p - (p & (h - 1)); // the p-th index with bit h clear
+            const float u = x[i];
+            const float w = x[i + h];
+            x[i]     = u + w;
+            x[i + h] = u - w;
+        }
+    }
+    __syncthreads();
+}
+
 // Q_sh[j*D + i] = scale * value i of the block's query head j. With fuse.q, Q holds a TURBO_K_ROT's
 // input and the op runs here with the float operations of k_tq_k_rot (tq-cuda.cu) in its order:
 // the scale, the factor 1/sqrt(nrot), the butterflies of h = 1, 2, 4, ... as pairs (a + b, a - b),
@@ -171,17 +188,7 @@ static __device__ __forceinline__ void tq_fattn_load_q(float * __restrict__ Q_sh
             Q_sh[i] = v[k]*fuse.q_rscale;
         }
     }
-    for (int h = 1; h < fuse.q_nrot; h *= 2) {
-        __syncthreads();
-        for (int p = tid; p < ncols2*D/2; p += nthreads) {
-            const int   i  = 2*p - (p & (h - 1)); // the p-th index with bit h clear
-            const float u  = Q_sh[i];
-            const float w  = Q_sh[i + h];
-            Q_sh[i]     = u + w;
-            Q_sh[i + h] = u - w;
-        }
-    }
-    __syncthreads();
+    tq_fattn_hadamard_sh(Q_sh, ncols2*D, fuse.q_nrot, tid, nthreads);
     for (int i = tid; i < ncols2*D; i += nthreads) {
         const float y = fuse.q_mode & GGML_TURBO_K_ROT_OFFSET ? Q_sh[i] - off[i % D] : Q_sh[i];
         Q_sh[i] = scale*y;
@@ -559,16 +566,7 @@ static __global__ void tq_fattn_combine(const float * __restrict__ parts, const 
     float y = num/den;
     if (nrot > 0) {
         row[tid] = y*rscale;
-        for (int h = 1; h < nrot; h *= 2) {
-            __syncthreads();
-            if ((tid & h) == 0) {
-                const float u = row[tid];
-                const float w = row[tid + h];
-                row[tid]     = u + w;
-                row[tid + h] = u - w;
-            }
-        }
-        __syncthreads();
+        tq_fattn_hadamard_sh(row, D, nrot, tid, D);
         y = row[tid];
     }
     dst[j*D + tid] = y;

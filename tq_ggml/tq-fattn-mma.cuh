@@ -202,10 +202,20 @@ static __global__ void tq_flash_attn_ext_mma(
 
     ggml_cuda_pdl_sync();
 
-    // scaled Q as f16 [8][D], heads past ncols2 zero; in float first over the staging buffers, which
-    // the first tile's copy below has not touched yet
+    // the first tile's copy goes out first, so that it is in flight while Q is loaded
+    const int k_VKQ_max = KV_max ? KV_max[sequence*gridDim.x + blockIdx.x] : ne11;
+    const int k_step    = gridDim.y*nthreads;
+    if (blockIdx.y*nthreads < k_VKQ_max) {
+        const int64_t r = blockIdx.y*nthreads + warp*WARP_SIZE;
+        tq_fattn_gqa_stage_tile<stg>(tile_w, K + r*nb11, V + r*nb21, nb11, nb21, lane);
+        tq_cp_async_commit();
+    }
+
+    // scaled Q as f16 [8][D], heads past ncols2 zero; in float first over the P buffers, which the
+    // loop writes only after Q_h is read
     {
-        float * Q_f = (float *) smem;
+        static_assert(sm::off_Q - sm::off_P >= ncols2*D*(int) sizeof(float), "Q does not fit the P buffers");
+        float * Q_f = (float *) (smem + sm::off_P);
         tq_fattn_load_q<D, ncols2>(Q_f, Q, nb02, scale, fuse, head0, ne02, tid);
         for (int i = tid; i < 8*D; i += nthreads) {
             Q_h[i] = __float2half(i < ncols2*D ? Q_f[i] : 0.0f);
@@ -235,13 +245,6 @@ static __global__ void tq_flash_attn_ext_mma(
     float KQ_max[2] = {-FLT_MAX/2.0f, -FLT_MAX/2.0f};
     float KQ_sum[2] = {0.0f, 0.0f}; // this thread's rows only; summed over the group at the end
 
-    const int k_VKQ_max = KV_max ? KV_max[sequence*gridDim.x + blockIdx.x] : ne11;
-    const int k_step    = gridDim.y*nthreads;
-    if (blockIdx.y*nthreads < k_VKQ_max) {
-        const int64_t r = blockIdx.y*nthreads + warp*WARP_SIZE;
-        tq_fattn_gqa_stage_tile<stg>(tile_w, K + r*nb11, V + r*nb21, nb11, nb21, lane);
-        tq_cp_async_commit();
-    }
     for (int k0 = blockIdx.y*nthreads, s = 0; k0 < k_VKQ_max; k0 += k_step, s ^= 1) {
         const int kw = k0 + warp*WARP_SIZE; // this warp's first row
         if (k0 + k_step < k_VKQ_max) {
@@ -253,6 +256,20 @@ static __global__ void tq_flash_attn_ext_mma(
         __syncwarp();
         const char * K_w = tile_w + s*(stg::bytes/2);
         const char * V_w = K_w + WARP_SIZE*stg::row_K;
+
+        // the loads that the softmax and P need, issued now so that they land during the K part: the
+        // mask and V's block scales of this thread's rows g + 8*rr (the compiler would keep them
+        // behind the shared-memory stores of P, which it cannot tell apart from them)
+        float mk[4];
+        float d_V[nblk][4];
+#pragma unroll
+        for (int rr = 0; rr < 4; ++rr) {
+            mk[rr] = maskh ? __half2float(maskh[kw + g + 8*rr]) : 0.0f;
+#pragma unroll
+            for (int ib = 0; ib < nblk; ++ib) {
+                d_V[ib][rr] = __half2float(((const block_V *) (V_w + (g + 8*rr)*stg::row_V))[ib].d);
+            }
+        }
 
         // S = K Q^T for rows 16*mt + g (+8), heads 2t, 2t + 1; A from thread t's 16 indices of each
         // block of rows 16*mt + g and + 8
@@ -290,12 +307,11 @@ static __global__ void tq_flash_attn_ext_mma(
         for (int mt = 0; mt < 2; ++mt) {
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-                const int k = kw + 16*mt + g + 8*(e/2);
                 float x = S[mt][e];
                 if (logit_softcap != 0.0f) {
                     x = logit_softcap*tanhf(x);
                 }
-                x += maskh ? slope[e % 2]*__half2float(maskh[k]) : 0.0f;
+                x += maskh ? slope[e % 2]*mk[2*mt + e/2] : 0.0f;
                 S[mt][e] = x;
                 KQ_max_new[e % 2] = fmaxf(KQ_max_new[e % 2], x + FATTN_KQ_MAX_OFFSET);
             }
@@ -336,8 +352,7 @@ static __global__ void tq_flash_attn_ext_mma(
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     const int r = 16*mt + g + 8*(e/2);
-                    const float d = __half2float(((const block_V *) (V_w + r*stg::row_V))[ib].d);
-                    P_w[(ib*8 + 2*t + e % 2)*WARP_SIZE + r] = __float2half(S[mt][e]*d);
+                    P_w[(ib*8 + 2*t + e % 2)*WARP_SIZE + r] = __float2half(S[mt][e]*d_V[ib][2*mt + e/2]);
                 }
             }
         }
