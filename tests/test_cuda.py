@@ -5,10 +5,13 @@ Skipped on machines without both, CI among them; run on the GPU machine (README,
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 
-from tqkv import build, parity
+from tqkv import build, demo, parity
 from tqkv.ggml_lib import Backend
 
 from test_ggml_tests import CASES, run_backend_ops
@@ -38,3 +41,21 @@ def test_fused_key_rotation_cuda(n: int, nrot: int, n_head: int, n_head_kv: int,
         check_k_rot(be, n, nrot, n_head, n_head_kv, mode)
     finally:
         be.close()
+
+
+@pytest.mark.parametrize("k,v", [("tq3_0", "tq2_0"), ("tq4_0", "tq4_0"), ("q8_0", "tq3_0")])
+def test_llama_cpp_python_on_cuda(smollm2: Path, capfd: pytest.CaptureFixture[str], k: str, v: str) -> None:
+    """Llama(n_gpu_layers=-1, type_k/type_v=TQ) from the install of `tqkv build --cuda`: the KV cache
+    is on the GPU in the TQ types and the greedy answer is right (SmolLM2: the head-size-64 kernel,
+    and upstream's vector kernel for the q8_0 key)."""
+    import llama_cpp
+
+    assert llama_cpp.llama_supports_gpu_offload(), "llama-cpp-python is a CPU build: run `tqkv build --cuda`"
+    answer = demo.generate(smollm2, k, v, "What is the capital of France? Answer in one word.", max_tokens=12,
+                           n_gpu_layers=-1, verbose=True)
+    log = capfd.readouterr().err
+    buffers = re.findall(r"(\S+) KV buffer size", log)
+    assert buffers and set(buffers) == {"CUDA0"}, log[-4000:]
+    names = {"tq2_0": "turbo2_0", "tq3_0": "turbo3_0", "tq4_0": "turbo4_0"}
+    assert re.search(rf"K \({names.get(k, k)}\): .* V \({names.get(v, v)}\)", log), log[-4000:]
+    assert "Paris" in answer, answer

@@ -11,6 +11,7 @@ with nothing changed only asks CMake whether anything is out of date.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import os
 import re
 import shutil
@@ -184,11 +185,25 @@ def install_python(layout: Layout, bin_dir: Path) -> None:
     if _stamp_ok(stamp, want) and _llama_cpp_is_ours():
         _log("llama-cpp-python up to date")
         return
-    env = dict(os.environ, CMAKE_ARGS=f"-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF -DLLAMA_PREBUILT_LIB_DIR={pylib}")
+    env = dict(os.environ, CMAKE_ARGS=f"-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF -DLLAMA_PREBUILT_LIB_DIR={pylib}",
+               PATH=os.pathsep.join([*_tool_binary_dirs(), os.environ.get("PATH", "")]))
     _run([sys.executable, "-m", "pip", "install", "--no-deps", "--force-reinstall", str(layout.tree)], env=env)
     if not _llama_cpp_is_ours():
         raise RuntimeError("installed llama-cpp-python does not load the TurboQuant build")
     stamp.write_text(want)
+
+
+def _tool_binary_dirs() -> list[str]:
+    """Folders of the cmake and ninja binaries of their PyPI packages. Their `cmake`/`ninja` commands
+    are Python shims that cannot import the package inside pip's isolated build of
+    llama-cpp-python, so scikit-build-core would fetch copies of its own (and fail offline)."""
+    dirs = []
+    for module, attr in (("cmake", "CMAKE_BIN_DIR"), ("ninja", "BIN_DIR")):
+        try:
+            dirs.append(str(getattr(importlib.import_module(module), attr)))
+        except (ImportError, AttributeError):
+            pass  # a system binary on PATH, found as it is
+    return dirs
 
 
 def _llama_cpp_is_ours() -> bool:

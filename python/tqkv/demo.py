@@ -23,12 +23,14 @@ class Row:
     text: str
 
 
-def generate(model: Path, k: str, v: str, prompt: str = PROMPT, max_tokens: int = 32) -> str:
-    """Greedy chat answer through the patched llama-cpp-python."""
+def generate(model: Path, k: str, v: str, prompt: str = PROMPT, max_tokens: int = 32,
+             n_gpu_layers: int = 0, verbose: bool = False) -> str:
+    """Greedy chat answer through the patched llama-cpp-python (n_gpu_layers=-1: all on the GPU,
+    the KV cache included, with a `tqkv build --cuda` install; verbose: llama.cpp's log on stderr)."""
     from llama_cpp import Llama  # the patched build, installed by `tqkv build`
 
-    llm = Llama(model_path=str(model), n_ctx=512, flash_attn=True, verbose=False, seed=0,
-                type_k=cache_type(k).ggml_id, type_v=cache_type(v).ggml_id)
+    llm = Llama(model_path=str(model), n_ctx=512, flash_attn=True, verbose=verbose, seed=0,
+                n_gpu_layers=n_gpu_layers, type_k=cache_type(k).ggml_id, type_v=cache_type(v).ggml_id)
     try:
         out = llm.create_chat_completion([{"role": "user", "content": prompt}], max_tokens=max_tokens,
                                          temperature=0.0)
