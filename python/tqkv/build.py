@@ -148,15 +148,39 @@ def cmake_build(layout: Layout, cuda: bool, jobs: int, cuda_archs: str | None) -
     ]
     if cuda:
         flags += ["-DGGML_CUDA=ON", f"-DCMAKE_CUDA_ARCHITECTURES={cuda_archs or 'native'}"]
+    _warn_static_libstdcxx()
+    # CMake keeps the compilers of its first configure: a change of CC/CXX/CUDAHOSTCXX needs a new cache
+    compilers = " ".join(f"{k}={os.environ.get(k, '')}" for k in ("CC", "CXX", "CUDAHOSTCXX"))
+    seen = bdir / ".tqkv-compilers"
+    if seen.exists() and seen.read_text() != compilers and (bdir / "CMakeCache.txt").exists():
+        _log(f"compilers changed ({compilers}): configuring {bdir} afresh")
+        (bdir / "CMakeCache.txt").unlink()
+        shutil.rmtree(bdir / "CMakeFiles", ignore_errors=True)
     stamp = bdir / ".tqkv-configure"
     want = " ".join(flags)
     if not (_stamp_ok(stamp, want) and (bdir / "CMakeCache.txt").exists()):
         bdir.mkdir(parents=True, exist_ok=True)
         _run(["cmake", "-S", str(layout.llama_cpp), "-B", str(bdir), *flags])
         stamp.write_text(want)
+    seen.write_text(compilers)
     # ninja prints [done/total] per step: the progress of the long compile
     _run(["cmake", "--build", str(bdir), "-j", str(jobs), "--target", *TARGETS])
     return layout.bin_dir(cuda)
+
+
+def _warn_static_libstdcxx() -> None:
+    """Warn when the C++ compiler has no shared libstdc++: each library then carries its own static
+    copy, and llama-cpp-python crashes at model load (std::regex in the tokenizer) in a process that
+    loaded libstdc++.so before it, as importing numpy or torch does. Seen on the GPU machine, whose
+    /opt/gcc ships only libstdc++.a; the command-line tools are not affected."""
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if not cxx:
+        return
+    r = subprocess.run([cxx, "-print-file-name=libstdc++.so"], capture_output=True, text=True)
+    if r.returncode == 0 and r.stdout.strip() == "libstdc++.so":  # not found: only the static library
+        _log(f"WARNING: {cxx} links libstdc++ statically into shared libraries; llama-cpp-python will crash "
+             "when numpy or torch is imported before a model loads. Use a compiler with a shared libstdc++, "
+             "e.g. CC=/usr/bin/gcc CXX=/usr/bin/g++ CUDAHOSTCXX=/usr/bin/g++ tqkv build ...")
 
 
 def _stage_libs(bin_dir: Path, dest: Path) -> list[Path]:
