@@ -12,7 +12,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from tqkv import assets, build
+from tqkv import assets, build, profile
 
 
 @pytest.fixture(scope="session")
@@ -22,7 +22,17 @@ def bin_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2() -> Path:
-    return assets.model("smollm2")
+    """SmolLM2 with its calibration profile beside it (what every tool then loads by default)."""
+    model = assets.model("smollm2")
+    profile.ensure(model)
+    return model
+
+
+@pytest.fixture(scope="session")
+def gemma3() -> Path:
+    model = assets.model("gemma3")
+    profile.ensure(model)
+    return model
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,6 @@
-"""The TurboQuant key offset and key channel scale (patches 0006, 0009): they improve the cache, and
-session state and context shifts carry them."""
+"""The TurboQuant key offset and key channel scale (patches 0006, 0009) from the model's calibration
+profile (0016): they improve the cache, and session state and context shifts carry them. The smollm2
+and gemma3 fixtures put the default profile beside each model, where every tool finds it."""
 
 from __future__ import annotations
 
@@ -20,27 +21,22 @@ def test_offset_lowers_perplexity(smollm2: Path, alice: Path, monkeypatch) -> No
     assert on.ppl < 0.97 * off.ppl, (on.ppl, off.ppl)
 
 
-def test_channel_scale_lowers_perplexity(alice: Path, monkeypatch) -> None:
-    # Gemma-3-270M, whose queries and keys put their energy in different channels; on SmolLM2 the
-    # gain is small and not always there (ctx 1024, 2 chunks: 18.88 with the scale, 18.75 without)
-    gemma = assets.model("gemma3")
-    # ctx 1024: the first ubatch holds 512 tokens, enough to measure the scale (ctx 512 splits it)
-    on = runner.perplexity(gemma, alice, "tq3_0", "f16", ctx=1024, chunks=2)
+def test_channel_scale_lowers_perplexity(gemma3: Path, alice: Path, monkeypatch) -> None:
+    # Gemma-3-270M, whose queries and keys put their energy in different channels
+    on = runner.perplexity(gemma3, alice, "tq3_0", "f16", ctx=1024, chunks=2)
     monkeypatch.setenv("LLAMA_TQ_K_SCALE", "0")
-    off = runner.perplexity(gemma, alice, "tq3_0", "f16", ctx=1024, chunks=2)
+    off = runner.perplexity(gemma3, alice, "tq3_0", "f16", ctx=1024, chunks=2)
     assert "per-channel scale" in on.log and "per-channel scale" not in off.log
     assert on.ppl < 0.9 * off.ppl, (on.ppl, off.ppl)  # measured: 15.59 vs 19.00
 
 
-def test_fused_rotation_matches_the_separate_ops(alice: Path, monkeypatch) -> None:
-    # Gemma-3-270M at ctx 1024: the second ubatch of each chunk runs with the scale and offset frozen,
-    # through one op per tensor or (LLAMA_TQ_K_ROT_FUSE=0) through the five it replaces, and values
-    # rotate through the same op or upstream's Hadamard matmul; on the CPU both do the same float
-    # arithmetic in the same order
-    gemma = assets.model("gemma3")
-    fused = runner.perplexity(gemma, alice, "tq3_0", "tq2_0", ctx=1024, chunks=2)
+def test_fused_rotation_matches_the_separate_ops(gemma3: Path, alice: Path, monkeypatch) -> None:
+    # Gemma-3-270M at ctx 1024: keys and queries go through one op per tensor or
+    # (LLAMA_TQ_K_ROT_FUSE=0) through the five it replaces, and values rotate through the same op or
+    # upstream's Hadamard matmul; on the CPU both do the same float arithmetic in the same order
+    fused = runner.perplexity(gemma3, alice, "tq3_0", "tq2_0", ctx=1024, chunks=2)
     monkeypatch.setenv("LLAMA_TQ_K_ROT_FUSE", "0")
-    separate = runner.perplexity(gemma, alice, "tq3_0", "tq2_0", ctx=1024, chunks=2)
+    separate = runner.perplexity(gemma3, alice, "tq3_0", "tq2_0", ctx=1024, chunks=2)
     assert abs(fused.ppl - separate.ppl) <= 1e-4 * separate.ppl, (fused.ppl, separate.ppl)
 
 
@@ -66,15 +62,16 @@ def test_state_round_trip_keeps_the_offset(smollm2: Path, alice: Path) -> None:
     np.testing.assert_array_equal(got, want)
 
 
-def test_state_under_another_scale_is_refused(smollm2: Path, alice: Path, monkeypatch) -> None:
-    # keys saved with the channel scale cannot be read by a cache without it: the load fails with an
-    # error and the context keeps working as if it had never been asked
+@pytest.mark.parametrize("setting", ["LLAMA_TQ_K_SCALE=0", "LLAMA_KV_PROFILE=none"])
+def test_state_under_another_calibration_is_refused(smollm2: Path, alice: Path, monkeypatch, setting: str) -> None:
+    # keys saved under the model's profile cannot be read by a cache calibrated otherwise: the load
+    # fails with an error and the context keeps working as if it had never been asked
     a = _llama(smollm2)
     tokens = a.tokenize(alice.read_bytes()[:1500])[:100]
     a.eval(tokens)
     state = a.save_state()
 
-    monkeypatch.setenv("LLAMA_TQ_K_SCALE", "0")
+    monkeypatch.setenv(*setting.split("="))
     b = _llama(smollm2)
     b.eval(tokens[:50])
     want = np.array(b.scores[b.n_tokens - 1])
@@ -110,7 +107,6 @@ def test_context_shift_restores_the_offset(smollm2: Path, alice: Path, monkeypat
     # shifted keys get RoPE on k itself (offset added back, then removed); new keys carry the plain
     # offset. Both must agree, or every new key's logit is off by q.(c - rope(c)): with the offset
     # the shifted cache must stay closer to f16 than without it
-    # 600 tokens before the shift: the first ubatch (512) is long enough to measure the key scale
     llm = llama_cpp.Llama(model_path=str(smollm2), n_ctx=1024, vocab_only=True, verbose=False)
     tokens = llm.tokenize(alice.read_bytes()[:6000])[:640]
     ref = _shifted_logprobs(smollm2, tokens, llama_cpp.GGML_TYPE_F16, 100, 40)

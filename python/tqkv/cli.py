@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
-from . import assets, build, codebooks, demo, niah, paper, parity, quality
+from . import assets, build, codebooks, demo, niah, paper, parity, profile, quality
 
 
 def _build(a: argparse.Namespace) -> None:
@@ -56,6 +57,18 @@ def _parity(a: argparse.Namespace) -> None:
 
 def _paper(a: argparse.Namespace) -> None:
     paper.main()
+
+
+def _calibrate(a: argparse.Namespace) -> None:
+    model = assets.model(a.model) if a.model in assets.MODELS else Path(a.model)
+    texts = [assets.text(t) if t in assets.TEXTS else Path(t) for t in a.text]
+    start = time.perf_counter()
+    out = profile.calibrate(model, texts, a.ctx, a.chunks, a.out, a.threads)
+    seconds = time.perf_counter() - start
+    prof = profile.read(out)
+    print(f"wrote {out}")
+    print(f"model {model.name}: fingerprint {prof.fingerprint}, {len(prof.layers)} KV layers")
+    print(f"measured {prof.n_tokens} tokens ({a.chunks} x {a.ctx}) of {prof.text_names} in {seconds:.1f} s")
 
 
 def _run_parser(sub: argparse._SubParsersAction, name: str, help: str, ctx: int, configs: list[str],
@@ -122,6 +135,16 @@ def main(argv: list[str] | None = None) -> int:
 
     pc = sub.add_parser("paper", help="the paper's distortion bounds, codebooks and prod-vs-mse, checked (markdown)")
     pc.set_defaults(fn=_paper)
+
+    cal = sub.add_parser("calibrate", help="measure a model's TurboQuant key offset and scale into a profile GGUF")
+    cal.add_argument("model", metavar="MODEL", help=f"{' or '.join(assets.MODELS)}, or a .gguf file")
+    cal.add_argument("--text", nargs="+", default=[profile.DEFAULT_TEXT], metavar="NAME_OR_FILE",
+                     help=f"calibration texts, concatenated: {', '.join(assets.TEXTS)} or UTF-8 files")
+    cal.add_argument("--ctx", type=int, default=512, help="tokens per chunk")
+    cal.add_argument("--chunks", type=int, default=4)
+    cal.add_argument("-o", "--out", type=Path, help="the profile (default: beside the model, x.gguf -> x.tqkv.gguf)")
+    cal.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+    cal.set_defaults(fn=_calibrate)
 
     a = p.parse_args(argv)
     try:

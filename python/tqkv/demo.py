@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import assets, runner
+from . import assets, profile, runner
 from .types import cache_type
 
 PROMPT = "What is the capital of France? Answer in one sentence."
@@ -43,6 +43,7 @@ def run(model_name: str = "smollm2", text_name: str = "alice29", ctx: int = 1024
         configs: tuple[tuple[str, str], ...] = (("f16", "f16"), ("tq4_0", "tq4_0"), ("tq3_0", "tq2_0"))) -> list[Row]:
     model = assets.model(model_name)
     text = assets.text(text_name)
+    profile.ensure(model)  # the TQ runs load it from beside the model
     rows = []
     for k, v in configs:
         print(f"[tqkv demo] K={k} V={v}: perplexity on {text.name}, ctx {ctx}, {chunks} chunks", flush=True)

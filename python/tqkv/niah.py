@@ -44,7 +44,7 @@ import requests
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from . import assets, build, runner
+from . import assets, build, profile, runner
 from .quality import Config, layer_count
 
 DEFAULT_CONFIGS: tuple[str, ...] = ("f16/f16", "tq4_0/tq4_0", "tq3_0/tq2_0", "q4_0/q4_0")
@@ -182,9 +182,11 @@ def prompts(model: Path, text: Path, lengths: list[int], depths: list[int], seed
         tok.close()
 
 
-def run_config(model: Path, cfg: Config, points: list[Prompt], cache: Path) -> list[Outcome]:
-    """Every point under one cache configuration: cached outcomes first, then one server for the rest."""
-    path = cache / f"{model.stem}-{_slug(cfg.name)}-{build.build_id()}.json"
+def run_config(model: Path, cfg: Config, points: list[Prompt], cache: Path, kv_profile: Path) -> list[Outcome]:
+    """Every point under one cache configuration and calibration profile: cached outcomes first, then
+    one server for the rest."""
+    calib = hashlib.sha256(kv_profile.read_bytes()).hexdigest()[:16]
+    path = cache / f"{model.stem}-{_slug(cfg.name)}-{build.build_id()}-{calib}.json"
     done = _load(path)
     todo = [p for p in points if p.hash not in done]
     if todo:
@@ -194,7 +196,7 @@ def run_config(model: Path, cfg: Config, points: list[Prompt], cache: Path) -> l
         # -np 1: one slot keeps the previous prompt for the next; --swa-full: sliding-window layers
         # keep the whole context too, else a prompt that differs anywhere but the end is recomputed in full
         args = [*runner.cache_args(cfg.k, cfg.v), "-np", "1", "--swa-full"]
-        with runner.Server(model, args, ctx=ctx, env=cfg.env) as srv:
+        with runner.Server(model, args, ctx=ctx, env={"LLAMA_KV_PROFILE": str(kv_profile), **cfg.env}) as srv:
             for p in todo:
                 t = time.monotonic()
                 answer = _complete(srv, p)
@@ -246,7 +248,8 @@ def run(model_name: str, text_name: str, lengths: list[int], depths: list[int], 
     points = prompts(model, assets.text(text_name), lengths, sorted(set(depths)), seeds)
     cache = cache or assets.cache_dir() / "niah"
     cache.mkdir(parents=True, exist_ok=True)
-    outcomes = [o for c in cfgs for o in run_config(model, c, points, cache)]
+    prof = profile.ensure(model)
+    outcomes = [o for c in cfgs for o in run_config(model, c, points, cache, prof)]
     write_report(outcomes, out_dir, f"{model_name}-{text_name}", layer_count(model))
     return outcomes
 

@@ -25,7 +25,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from . import assets, build, runner
+from . import assets, build, profile, runner
 from .types import TQ2_0, TQ3_0, TQ4_0, cache_type
 
 TQ_IDS = (TQ2_0, TQ3_0, TQ4_0)
@@ -51,6 +51,7 @@ FLAGS = {
     "norot": {"LLAMA_ATTN_ROT_DISABLE": "1"},  # no Hadamard rotation of Q/K/V
     "nooff": {"LLAMA_TQ_K_OFFSET": "0"},       # TurboQuant K without the key offset (and scale)
     "noscale": {"LLAMA_TQ_K_SCALE": "0"},      # TurboQuant K without the key channel scale
+    "noprof": {"LLAMA_KV_PROFILE": "none"},    # no calibration profile: offset 0, scale 1
 }
 # :bN, boundary layers (patches/0008): the first N and the last N layers of the model store a
 # TurboQuant K or V cache as q8_0
@@ -140,14 +141,17 @@ def base_logits(model: Path, text: Path, ctx: int, chunks: int, cache: Path) -> 
     return out
 
 
-def score(model: Path, base: Path, cfg: Config, cache: Path, ctx: int) -> Score:
-    """Score one configuration against the base logits (cached)."""
-    out = cache / f"score-{_key(model.name, base.name, cfg.name, ctx, build.build_id())}.json"
+def score(model: Path, base: Path, cfg: Config, cache: Path, ctx: int, kv_profile: Path,
+          extra: tuple[str, ...] = ()) -> Score:
+    """Score one configuration against the base logits (cached), with the calibration profile
+    kv_profile (a flag such as noprof may override it) and extra llama-perplexity arguments."""
+    calib = hashlib.sha256(kv_profile.read_bytes()).hexdigest()
+    out = cache / f"score-{_key(model.name, base.name, cfg.name, ctx, build.build_id(), calib, extra)}.json"
     if out.exists():
         return Score(**json.loads(out.read_text()))
-    print(f"[tqkv ppl] {cfg.name}", flush=True)
+    print(f"[tqkv ppl] {cfg.name} {' '.join(extra)}", flush=True)
     log = _perplexity(["-m", str(model), "-c", str(ctx), "--kl-divergence-base", str(base), "--kl-divergence",
-                       *runner.cache_args(cfg.k, cfg.v)], cfg.env)
+                       *runner.cache_args(cfg.k, cfg.v), *extra], {"LLAMA_KV_PROFILE": str(kv_profile), **cfg.env})
     vals = {}
     for field, pattern in _FIELDS.items():
         m = re.search(pattern, log)
@@ -175,7 +179,8 @@ def run(model_name: str, text_name: str, ctx: int, chunks: int, configs: list[st
     cache = cache or assets.cache_dir() / "ppl"
     cache.mkdir(parents=True, exist_ok=True)
     base = base_logits(model, text, ctx, chunks, cache)
-    scores = [score(model, base, c, cache, ctx) for c in cfgs]
+    prof = profile.ensure(model)
+    scores = [score(model, base, c, cache, ctx, prof) for c in cfgs]
     stem = f"{model_name}-{text_name}-c{ctx}"
     write_report(merge(load_report(out_dir, stem), scores), out_dir, stem)
     return scores
