@@ -41,18 +41,31 @@ class LayerQKV:
     softcap: float       # 0 when the model does not soft-cap logits
 
 
-def _view(t: Tensor, dtype: type) -> np.ndarray:
-    """A tensor's elements as numpy [ne3, ne2, ne1, ne0], following its byte strides (host memory)."""
+def _ggml_base(lib_dir: Path) -> ctypes.CDLL:
+    base = ctypes.CDLL(str(lib_dir / "libggml-base.so.0"))
+    base.ggml_op_name.restype, base.ggml_op_name.argtypes = ctypes.c_char_p, [ctypes.c_int]
+    base.ggml_backend_buffer_is_host.restype = ctypes.c_bool
+    base.ggml_backend_buffer_is_host.argtypes = [ctypes.c_void_p]
+    base.ggml_backend_tensor_get.restype = None
+    base.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
+    return base
+
+
+def _view(base: ctypes.CDLL, t: Tensor, dtype: type) -> np.ndarray:
+    """A tensor's elements as numpy [ne3, ne2, ne1, ne0], following its byte strides; a tensor in
+    device memory (a GPU backend's buffer) is copied to the host first."""
     shape = tuple(reversed(t.ne))
     strides = tuple(reversed(t.nb))
     span = sum((n - 1) * s for n, s in zip(shape, strides)) + np.dtype(dtype).itemsize
-    raw = np.ctypeslib.as_array((ctypes.c_uint8 * span).from_address(t.data))
+    if t.buffer and not base.ggml_backend_buffer_is_host(t.buffer):
+        raw = np.empty(span, np.uint8)
+        base.ggml_backend_tensor_get(ctypes.addressof(t), raw.ctypes.data, 0, span)
+    else:
+        raw = np.ctypeslib.as_array((ctypes.c_uint8 * span).from_address(t.data))
     return np.lib.stride_tricks.as_strided(raw.view(dtype), shape, strides).copy()
 
 
-def _flash_attn_op(lib_dir: Path) -> int:
-    base = ctypes.CDLL(str(lib_dir / "libggml-base.so.0"))
-    base.ggml_op_name.restype, base.ggml_op_name.argtypes = ctypes.c_char_p, [ctypes.c_int]
+def _flash_attn_op(base: ctypes.CDLL) -> int:
     for op in range(200):
         if base.ggml_op_name(op) == b"FLASH_ATTN_EXT":
             return op
@@ -70,7 +83,7 @@ def _cache_layer(k: Tensor) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def _layer_qkv(t: Tensor, layer: int) -> LayerQKV:
+def _layer_qkv(base: ctypes.CDLL, t: Tensor, layer: int) -> LayerQKV:
     """Copies of a computed FLASH_ATTN_EXT node's inputs for its batch's tokens."""
     q, k, v, mask = (Tensor.from_address(t.src[i]) for i in range(4))
     if k.type != 1 or v.type != 1:
@@ -78,30 +91,32 @@ def _layer_qkv(t: Tensor, layer: int) -> LayerQKV:
     # ggml layouts: q [D, n_tok, n_head], k/v [D, n_kv, n_head_kv], mask [n_kv, n_tok]; the batch's
     # tokens sit in cells 0..n_tok-1 of a cleared cache
     n = q.ne[1]
-    qa = _view(q, np.float32)[0].transpose(1, 0, 2)
-    ka = _view(k, np.float16)[0].transpose(1, 0, 2)[:n].astype(np.float32)
-    va = _view(v, np.float16)[0].transpose(1, 0, 2)[:n].astype(np.float32)
-    ma = _view(mask, np.float16)[0, 0][:n, :n].astype(np.float32)
+    qa = _view(base, q, np.float32)[0].transpose(1, 0, 2)
+    ka = _view(base, k, np.float16)[0].transpose(1, 0, 2)[:n].astype(np.float32)
+    va = _view(base, v, np.float16)[0].transpose(1, 0, 2)[:n].astype(np.float32)
+    ma = _view(base, mask, np.float16)[0, 0][:n, :n].astype(np.float32)
     params = np.array(t.op_params[:3], np.int32).view(np.float32)
     return LayerQKV(layer, torch.from_numpy(qa.copy()), torch.from_numpy(ka.copy()), torch.from_numpy(va.copy()),
                     torch.from_numpy(ma.copy()), float(params[0]), float(params[2]))
 
 
 class Session:
-    """One model on the CPU with an f16 cache and flash attention, for runs of up to n_ctx tokens.
+    """One model with an f16 cache and flash attention, for runs of up to n_ctx tokens; on the CPU,
+    or with n_gpu_layers layers (-1: all) on a GPU backend when the build has one.
 
     LayerQKV.layer is the index of the K cache layer the attention reads (from the cache tensor's
     name), else the attention's position in the graph (0, 1, ...); for models where every layer has
     its own cache the two agree."""
 
-    def __init__(self, model_path: Path, n_ctx: int, n_threads: int | None = None):
+    def __init__(self, model_path: Path, n_ctx: int, n_threads: int | None = None, n_gpu_layers: int = 0):
         import llama_cpp as L  # the patched build, installed by `tqkv build`
         from llama_cpp import _logger
 
         if n_ctx < 1:
             raise ValueError(f"n_ctx must be positive, got {n_ctx}")
         self._L, self.n_ctx = L, n_ctx
-        self._fa_op = _flash_attn_op(Path(L.__file__).parent / "lib")
+        self._base = _ggml_base(Path(L.__file__).parent / "lib")
+        self._fa_op = _flash_attn_op(self._base)
         self._on_layer: Callable[[LayerQKV], None] | None = None
         self._seen = 0
         self._error: BaseException | None = None
@@ -111,7 +126,7 @@ class Session:
         _logger.set_verbose(False)  # llama.cpp's load log would drown the caller's output
         L.llama_backend_init()
         mparams = L.llama_model_default_params()
-        mparams.n_gpu_layers = 0
+        mparams.n_gpu_layers = n_gpu_layers
         self._model = L.llama_model_load_from_file(str(model_path).encode(), mparams)
         if not self._model:
             raise RuntimeError(f"could not load {model_path}")
@@ -189,7 +204,7 @@ class Session:
             if ask:
                 return True
             layer = _cache_layer(Tensor.from_address(t.src[1]))
-            self._on_layer(_layer_qkv(t, self._seen if layer is None else layer))
+            self._on_layer(_layer_qkv(self._base, t, self._seen if layer is None else layer))
             self._seen += 1
             return True
         except BaseException as e:

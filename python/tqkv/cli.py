@@ -63,7 +63,7 @@ def _calibrate(a: argparse.Namespace) -> None:
     model = assets.model(a.model) if a.model in assets.MODELS else Path(a.model)
     texts = [assets.text(t) if t in assets.TEXTS else Path(t) for t in a.text]
     start = time.perf_counter()
-    out = profile.calibrate(model, texts, a.ctx, a.chunks, a.out, a.threads)
+    out = profile.calibrate(model, texts, a.ctx, a.chunks, a.out, a.threads, a.gpu_layers)
     seconds = time.perf_counter() - start
     prof = profile.read(out)
     print(f"wrote {out}")
@@ -144,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     cal.add_argument("--chunks", type=int, default=4)
     cal.add_argument("-o", "--out", type=Path, help="the profile (default: beside the model, x.gguf -> x.tqkv.gguf)")
     cal.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+    cal.add_argument("--gpu-layers", type=int, default=-1,
+                     help="layers on the GPU in a CUDA build (default -1: all; 0: CPU only)")
     cal.set_defaults(fn=_calibrate)
 
     a = p.parse_args(argv)

@@ -137,14 +137,15 @@ class _Sums:
 
 
 def calibrate(model: Path, texts: list[Path], n_ctx: int = 512, n_chunks: int = 4, out: Path | None = None,
-              n_threads: int | None = None) -> Path:
+              n_threads: int | None = None, n_gpu_layers: int = -1) -> Path:
     """Measure the model's key mean and channel scale on the texts and write its profile (default:
     default_path(model)); returns the profile's path.
 
     The texts (UTF-8) are concatenated and tokenized once as llama.cpp does (BOS first where the model
     adds one); chunk i is tokens [i*n_ctx, (i+1)*n_ctx), run as a fresh sequence with its first token
     replaced by BOS where the model adds one, as llama-perplexity does, so every chunk starts like a
-    prompt. Statistics are over every token of every chunk."""
+    prompt. Statistics are over every token of every chunk. n_gpu_layers layers (-1: all) run on a GPU
+    when the build has one."""
     if not model.is_file():
         raise FileNotFoundError(f"{model}: no such model file")
     if not texts:
@@ -162,13 +163,13 @@ def calibrate(model: Path, texts: list[Path], n_ctx: int = 512, n_chunks: int = 
         k = layer.k.numpy()
         sums.setdefault(layer.layer, _Sums(k.shape[1], k.shape[2])).add(layer.q.numpy(), k)
 
-    with capture.Session(model, n_ctx, n_threads) as s:
+    with capture.Session(model, n_ctx, n_threads, n_gpu_layers) as s:
         arch = s.meta("general.architecture")
         block_count = s.meta(f"{arch}.block_count")
         if arch is None or block_count is None:
             raise ValueError(f"{model}: no general.architecture or <arch>.block_count in its metadata")
         name = s.meta("general.name") or ""
-        tokens = s.tokenize(data)
+        tokens = _tokenize_prefix(s, data, n_ctx * n_chunks)
         if len(tokens) < n_ctx * n_chunks:
             raise ValueError(f"the texts have {len(tokens)} tokens, fewer than {n_chunks} chunks of {n_ctx}")
         for i in range(n_chunks):
@@ -260,11 +261,24 @@ def read(path: Path) -> Profile:
             layers[int(m.group(1))] = (tensors[name], tensors[scale])
     return Profile(
         version=version, fingerprint=get(KEY_FINGERPRINT), architecture=get(KEY_ARCHITECTURE),
-        model_name=get(KEY_NAME), model_file=get(KEY_FILE), n_layer=int(get(KEY_N_LAYER)),
+        model_name=r.fields[KEY_NAME].contents() if KEY_NAME in r.fields else "",  # gguf writes no empty string
+        model_file=get(KEY_FILE), n_layer=int(get(KEY_N_LAYER)),
         text_names=get(KEY_TEXT_NAMES), text_sha256=get(KEY_TEXT_SHA256), n_tokens=int(get(KEY_TEXT_N_TOKENS)),
         n_ctx=int(get(KEY_TEXT_N_CTX)), tool_version=get(KEY_TOOL_VERSION),
         k_scale_exponent=float(get(KEY_K_SCALE_EXPONENT)), k_scale_eps=float(get(KEY_K_SCALE_EPS)),
         layers=dict(sorted(layers.items())))
+
+
+def _tokenize_prefix(s: capture.Session, data: bytes, n: int) -> list[int]:
+    """The tokens of the shortest prefix of data (cut at a line end) that holds n of them, or of all
+    of it: tokenizing a whole long text costs more than the run itself with some vocabularies."""
+    size = 8 * n
+    while True:
+        cut = len(data) if size >= len(data) else data.rfind(b"\n", 0, size) + 1 or size
+        tokens = s.tokenize(data[:cut])
+        if len(tokens) >= n or cut == len(data):
+            return tokens
+        size *= 2
 
 
 def _read_text(path: Path) -> bytes:
