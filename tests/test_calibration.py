@@ -9,6 +9,7 @@ import subprocess
 from pathlib import Path
 
 import llama_cpp
+import requests
 import numpy as np
 import pytest
 
@@ -102,3 +103,28 @@ def test_first_ubatch_size_does_not_matter(smollm2: Path, alice: Path, tmp_path:
     cfg = quality.Config.parse("tq3_0/tq2_0")
     kld = {ub: quality.score(smollm2, base, cfg, tmp_path, 512, prof, ("-ub", str(ub))).kld_mean for ub in (64, 512)}
     assert abs(kld[64] - kld[512]) <= 0.05 * kld[512], kld
+
+
+def test_slot_files_follow_the_calibration(smollm2: Path, tmp_path: Path) -> None:
+    # a slot saved under the model's profile restores on the next start with the same profile and
+    # answers as before; a server calibrated otherwise refuses the file and keeps answering as it did
+    question = "What is the capital of France?"
+    args = [*runner.cache_args("tq3_0", "tq2_0"), "--parallel", "1", "-t", "2", "--slot-save-path", str(tmp_path)]
+
+    def slot(srv: runner.Server, action: str) -> requests.Response:
+        return requests.post(f"{srv.url}/slots/0?action={action}", json={"filename": "slot0.bin"}, timeout=120)
+
+    with runner.Server(smollm2, args) as srv:
+        want = srv.chat(question)
+        r = slot(srv, "save")
+        assert r.status_code == 200 and r.json()["n_saved"] > 0, r.text
+    with runner.Server(smollm2, args) as srv:
+        r = slot(srv, "restore")
+        assert r.status_code == 200 and r.json()["n_restored"] > 0, r.text
+        assert srv.chat(question) == want
+    with runner.Server(smollm2, [*args, "--kv-profile", "none"]) as srv:
+        before = srv.chat(question)
+        r = slot(srv, "restore")
+        assert r.status_code != 200 and "Unable to restore slot" in r.text, r.text
+        assert srv.chat(question) == before
+    assert "saved under another TurboQuant calibration" in srv.log, srv.log[-3000:]

@@ -36,7 +36,7 @@ def _ppl(a: argparse.Namespace) -> None:
 
 
 def _niah(a: argparse.Namespace) -> None:
-    outcomes = niah.run(a.model, a.text, a.lengths, a.depths, a.seeds, a.configs, a.out, a.cache)
+    outcomes = niah.run(a.model, a.text, a.lengths, a.depths, a.seeds, a.configs, a.out, a.cache, a.cuda)
     print(niah.summary(outcomes, f"{a.model}-{a.text}", quality.layer_count(assets.model(a.model))))
 
 
@@ -119,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     n.add_argument("--configs", nargs="+", default=list(niah.DEFAULT_CONFIGS), metavar="K/V[:norot|:nooff|:noscale|:bN]")
     n.add_argument("--out", type=Path, default=build.REPO / "results" / "niah")
     n.add_argument("--cache", type=Path, help="per-point outcomes (default: the tqkv cache dir's niah/)")
+    n.add_argument("--cuda", action="store_true", help="llama-server of `tqkv build --cuda`, all layers on the GPU")
     n.set_defaults(fn=_niah)
 
     r = sub.add_parser("parity", help="the PyTorch reference against ggml backends: bytes, values, attention")

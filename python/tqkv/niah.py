@@ -182,11 +182,12 @@ def prompts(model: Path, text: Path, lengths: list[int], depths: list[int], seed
         tok.close()
 
 
-def run_config(model: Path, cfg: Config, points: list[Prompt], cache: Path, kv_profile: Path) -> list[Outcome]:
+def run_config(model: Path, cfg: Config, points: list[Prompt], cache: Path, kv_profile: Path,
+               cuda: bool = False) -> list[Outcome]:
     """Every point under one cache configuration and calibration profile: cached outcomes first, then
-    one server for the rest."""
+    one server for the rest (all layers on the GPU with cuda)."""
     calib = hashlib.sha256(kv_profile.read_bytes()).hexdigest()[:16]
-    path = cache / f"{model.stem}-{_slug(cfg.name)}-{build.build_id()}-{calib}.json"
+    path = cache / f"{model.stem}-{_slug(cfg.name)}-{build.build_id(cuda)}-{calib}.json"
     done = _load(path)
     todo = [p for p in points if p.hash not in done]
     if todo:
@@ -195,8 +196,9 @@ def run_config(model: Path, cfg: Config, points: list[Prompt], cache: Path, kv_p
               f"starting llama-server -c {ctx}", flush=True)
         # -np 1: one slot keeps the previous prompt for the next; --swa-full: sliding-window layers
         # keep the whole context too, else a prompt that differs anywhere but the end is recomputed in full
-        args = [*runner.cache_args(cfg.k, cfg.v), "-np", "1", "--swa-full"]
-        with runner.Server(model, args, ctx=ctx, env={"LLAMA_KV_PROFILE": str(kv_profile), **cfg.env}) as srv:
+        args = [*runner.cache_args(cfg.k, cfg.v), "-np", "1", "--swa-full", *(["-ngl", "99"] if cuda else [])]
+        with runner.Server(model, args, ctx=ctx, env={"LLAMA_KV_PROFILE": str(kv_profile), **cfg.env},
+                           cuda=cuda) as srv:
             for p in todo:
                 t = time.monotonic()
                 answer = _complete(srv, p)
@@ -237,7 +239,7 @@ def _complete(srv: runner.Server, p: Prompt) -> str:
 
 
 def run(model_name: str, text_name: str, lengths: list[int], depths: list[int], seeds: int, configs: list[str],
-        out_dir: Path, cache: Path | None = None) -> list[Outcome]:
+        out_dir: Path, cache: Path | None = None, cuda: bool = False) -> list[Outcome]:
     cfgs = [Config.parse(c) for c in dict.fromkeys([BASE, *configs])]  # f16 first: the baseline
     if seeds < 1:
         raise ValueError(f"seeds must be at least 1, not {seeds}")
@@ -249,7 +251,7 @@ def run(model_name: str, text_name: str, lengths: list[int], depths: list[int], 
     cache = cache or assets.cache_dir() / "niah"
     cache.mkdir(parents=True, exist_ok=True)
     prof = profile.ensure(model)
-    outcomes = [o for c in cfgs for o in run_config(model, c, points, cache, prof)]
+    outcomes = [o for c in cfgs for o in run_config(model, c, points, cache, prof, cuda)]
     write_report(outcomes, out_dir, f"{model_name}-{text_name}", layer_count(model))
     return outcomes
 

@@ -79,10 +79,10 @@ class Server:
     """llama-server on a free local port; a context manager that stops it and keeps its log."""
 
     def __init__(self, model: Path, args: list[str], ctx: int = 2048, startup_s: float = 120.0,
-                 env: dict[str, str] | None = None):
+                 env: dict[str, str] | None = None, cuda: bool = False):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.cmd = [str(tool("llama-server")), "-m", str(model), "--host", "127.0.0.1",
+        self.cmd = [str(tool("llama-server", cuda)), "-m", str(model), "--host", "127.0.0.1",
                     "--port", str(self.port), "-c", str(ctx), *args]
         self.startup_s = startup_s
         self.env = {**os.environ, **(env or {})}
