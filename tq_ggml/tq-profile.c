@@ -155,28 +155,67 @@ const char * ggml_turbo_profile_str(const struct ggml_turbo_profile * p, const c
     return id >= 0 && gguf_get_kv_type(p->gguf, id) == GGUF_TYPE_STRING ? gguf_get_val_str(p->gguf, id) : "";
 }
 
-uint32_t ggml_turbo_profile_n_layer(const struct ggml_turbo_profile * p) {
-    return gguf_get_val_u32(p->gguf, gguf_find_key(p->gguf, "tqkv.model.n_layer"));
+bool ggml_turbo_profile_check(const struct ggml_turbo_profile * p, const char * model_path, const char * arch,
+                              uint32_t n_layer, char * err, size_t err_size) {
+    char have[17];
+    snprintf(have, sizeof(have), "%016" PRIx64, ggml_turbo_model_fingerprint(model_path));
+    const char * want = ggml_turbo_profile_str(p, "tqkv.model.fingerprint");
+    const uint32_t p_layer = gguf_get_val_u32(p->gguf, gguf_find_key(p->gguf, "tqkv.model.n_layer"));
+    if (strcmp(want, have) == 0 && strcmp(arch, ggml_turbo_profile_str(p, "tqkv.model.architecture")) == 0 && p_layer == n_layer) {
+        return true;
+    }
+    tq_err(err, err_size, "was made for another model (%s, %s, %u layers, fingerprint %s), not %s (%s, %u layers, "
+           "fingerprint %s); run `tqkv calibrate %s`", ggml_turbo_profile_str(p, "tqkv.model.file"),
+           ggml_turbo_profile_str(p, "tqkv.model.architecture"), p_layer, want, model_path, arch, n_layer, have, model_path);
+    return false;
 }
 
-bool ggml_turbo_profile_layer(const struct ggml_turbo_profile * p, int il, int64_t d, int64_t n_head_kv,
-                              const float ** mean, const float ** scale, char * err, size_t err_size) {
+bool ggml_turbo_profile_k_off(const struct ggml_turbo_profile * p, int il, int64_t d, int64_t n_head_kv, bool scale,
+                              const float * hadamard, int64_t nrot, float * out, char * err, size_t err_size) {
+    const int64_t n = d*n_head_kv;
+    for (int64_t i = 0; i < n; ++i) {
+        out[i]     = 0.0f;
+        out[n + i] = 1.0f;
+    }
+    if (!p) {
+        return true;
+    }
     char name[2][GGML_MAX_NAME];
     snprintf(name[0], sizeof(name[0]), "blk.%d.k_mean", il);
     snprintf(name[1], sizeof(name[1]), "blk.%d.k_scale", il);
-    const float ** out[2] = { mean, scale };
+    const struct ggml_tensor * t[2];
     for (int i = 0; i < 2; ++i) {
-        const struct ggml_tensor * t = ggml_get_tensor(p->ctx, name[i]);
-        if (!t) {
+        t[i] = ggml_get_tensor(p->ctx, name[i]);
+        if (!t[i]) {
             tq_err(err, err_size, "the profile has no %s", name[i]);
             return false;
         }
-        if (t->ne[0] != d || t->ne[1] != n_head_kv) {
+        if (t[i]->ne[0] != d || t[i]->ne[1] != n_head_kv) {
             tq_err(err, err_size, "%s is [%" PRId64 ", %" PRId64 "], the model's layer %d has head size %" PRId64
-                   " and %" PRId64 " KV heads", name[i], t->ne[0], t->ne[1], il, d, n_head_kv);
+                   " and %" PRId64 " KV heads", name[i], t[i]->ne[0], t[i]->ne[1], il, d, n_head_kv);
             return false;
         }
-        *out[i] = (const float *) t->data;
+    }
+    const float * mean = (const float *) t[0]->data;
+    const float * a    = (const float *) t[1]->data;
+    // slice 1: a; slice 0: the keys' mean as the cache stores keys, H(a*mean) in runs of nrot
+    for (int64_t i = 0; i < n; ++i) {
+        out[n + i] = scale ? a[i] : 1.0f;
+        out[i]     = out[n + i]*mean[i];
+    }
+    if (nrot > 0) {
+        float * x = malloc(nrot*sizeof(float));
+        for (int64_t r = 0; r < n; r += nrot) {
+            memcpy(x, out + r, nrot*sizeof(float));
+            for (int64_t i = 0; i < nrot; ++i) {
+                double acc = 0.0;
+                for (int64_t j = 0; j < nrot; ++j) {
+                    acc += (double) hadamard[i*nrot + j]*(double) x[j];
+                }
+                out[r + i] = (float) acc;
+            }
+        }
+        free(x);
     }
     return true;
 }
