@@ -88,6 +88,16 @@ def _stamp_ok(stamp: Path, value: str) -> bool:
     return stamp.exists() and stamp.read_text() == value
 
 
+def apply_patch(patch: Path, tree: Path) -> None:
+    """Apply one patch of the series exactly: no fuzz, so a hunk whose context drifted fails here,
+    naming the patch and the file, instead of landing in the wrong place."""
+    r = subprocess.run(["patch", "-p1", "--forward", "--fuzz=0", "-i", str(patch)], cwd=tree,
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        lines = [ln for ln in (r.stdout + r.stderr).splitlines() if ln.strip()]
+        raise RuntimeError(f"{patch.name} does not apply exactly to {tree.name}: " + "; ".join(lines[-4:]))
+
+
 def prepare_tree(layout: Layout) -> None:
     """Unpack the verified sdist and apply patches/; then sync tq_ggml/ into it.
 
@@ -112,7 +122,7 @@ def prepare_tree(layout: Layout) -> None:
                 stray.unlink()
         for p in patches:
             _log(f"applying {p.name}")
-            _run(["patch", "-p1", "--forward", "--quiet", "-i", str(p)], cwd=fresh)
+            apply_patch(p, fresh)
         _sync_dir(fresh, layout.tree, keep={"ggml-tq"})
         shutil.rmtree(staging)
         stamp.write_text(want)
