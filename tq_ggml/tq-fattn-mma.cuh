@@ -25,7 +25,7 @@
 #define TQ_FATTN_MMA_D 128
 // 4 blocks of 4 warps per SM: registers <= 128 per thread, no spills (nvcc -Xptxas -v); 5 blocks
 // (96 registers, no spills since the staging copy lost its divisions) measured 4-7% slower at
-// depth 8k-64k on the H100 (session 9 A/B)
+// depth 8k-64k on the H100 (A/B measured)
 #define TQ_FATTN_MMA_MINBLOCKS 4
 
 template <int D, ggml_type type_K, ggml_type type_V>
