@@ -46,7 +46,7 @@ def main() -> None:
     print("| model | K | " + " | ".join(f"e = {e:g}" for e in EXPONENTS) + " |")
     print("|---|---|" + "---|" * len(EXPONENTS))
     for model in ("smollm2", "gemma3"):
-        layers = capture.capture(assets.model(model), text, N_TOKENS)
+        layers = [c.as_torch() for c in capture.capture(assets.model(model), text, N_TOKENS)]
         kl = [sum(attention_kl(layer, e, 3) for layer in layers) / len(layers) for e in EXPONENTS]
         print(f"| {model} | tq3_0 | " + " | ".join(f"{x:.4f} ({x / kl[0]:.2f}x)" for x in kl) + " |")
 

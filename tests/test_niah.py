@@ -44,12 +44,13 @@ def test_lengths_clamped_to_training_context(capsys: pytest.CaptureFixture[str])
 
 def test_cli_runs_grid_and_resumes(bin_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out, cache = tmp_path / "out", tmp_path / "cache"
-    args = ["niah", "--model", "smollm2", "--lengths", "512", "--depths", "0", "100", "--seeds", "1",
+    args = ["niah", "smollm2", "--lengths", "512", "--depths", "0", "100", "--seeds", "1",
             "--configs", "f16/f16", "tq4_0/tq4_0", "--out", str(out), "--cache", str(cache)]
     assert cli.main(args) == 0
-    printed = capsys.readouterr().out
-    assert printed.count("starting llama-server") == 2, printed
-    assert "[tqkv niah] tq4_0/tq4_0 length 512 depth 100% seed 0: " in printed  # progress, one line a point
+    captured = capsys.readouterr()
+    assert captured.out.count("starting llama-server") == 2, captured.out
+    assert "tqkv niah tq4_0/tq4_0: 100%" in captured.err  # the progress bar of each configuration
+    assert "report: " + str(out) in captured.err
     for name in ("smollm2-alice29.md", "smollm2-alice29.json", "smollm2-alice29-f16_f16.png",
                  "smollm2-alice29-tq4_0_tq4_0.png"):
         assert (out / name).stat().st_size > 0
@@ -71,7 +72,7 @@ def test_cli_runs_grid_and_resumes(bin_dir: Path, tmp_path: Path, capsys: pytest
 
 @pytest.mark.parametrize("args,message", [
     (["--configs", "f16/f16", "tq5_0/tq4_0"], "unknown KV cache type 'tq5_0'"),
-    (["--lengths", "1024", "16384"], "length 16384 is beyond the training context of smollm2 (8192 tokens)"),
+    (["--lengths", "1024", "16384"], "length 16384 is beyond the training context of SmolLM2-135M-Instruct.Q4_1.gguf (8192 tokens)"),
     (["--depths", "50", "120"], "depths are percentages from 0 to 100"),
 ])
 def test_cli_rejects_bad_grid(tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str],

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from tqkv import paper, reference
+from tqkv import paper, reference, sources
 
 Z999 = 3.29  # two-sided 99.9%: nine claims checked at once should not fail by chance
 
@@ -43,7 +43,7 @@ def test_codebook_table_matches_shipped_codebooks(bits: int) -> None:
     # the d = 64 solution is exactly the shipped float32 codebook
     assert torch.equal(paper.codebook(bits, 64)[0].float(), shipped)
     half = slice(2 ** (bits - 1), None)
-    gaussian_json = json.loads(reference.CODEBOOKS.read_text())["bits"][str(bits)]["gaussian"]["centroids"]
+    gaussian_json = json.loads(sources.codebooks_json().read_text())["bits"][str(bits)]["gaussian"]["centroids"]
     gaussian = _row(table, "Gaussian (d→∞)")
     assert [v for v, _ in gaussian] == pytest.approx([8 * g for g in gaussian_json[half]], abs=6e-5)
     for d in (64, 128):

@@ -115,6 +115,7 @@ def test_profile_matches_captured_keys_and_queries(tmp_path: Path, lcet10: Path)
     assert [c.layer for c in layers] == sorted(p.layers)
     for c in layers:
         k_mean, k_scale = p.layers[c.layer]
+        c = c.as_torch()
         k, q = c.k.double(), c.q.double()
         np.testing.assert_allclose(k_mean, k.mean(0).numpy(), atol=1e-4)
         # the scale from its definition: query head j reads KV head j // g

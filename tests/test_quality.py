@@ -12,7 +12,9 @@ from tqkv import assets, quality, runner
 
 def test_ppl_harness_scores_and_resumes(bin_dir: Path, tmp_path: Path) -> None:
     configs = ["q8_0/q8_0", "tq4_0/tq4_0", "q4_0/q4_0:norot"]
-    scores = quality.run("smollm2", "alice29", 256, 2, configs, tmp_path / "out", cache=tmp_path / "cache")
+    model, text = assets.model("smollm2"), assets.text("alice29")
+    scores = quality.run(model, text, 256, 2, configs, tmp_path / "out", cache=tmp_path / "cache",
+                         label="smollm2-alice29")
     by = {s.config: s for s in scores}
     # all share one f16 base; q8_0 is nearly lossless, 4-bit caches are not
     assert len({s.ppl_base for s in scores}) == 1
@@ -24,7 +26,8 @@ def test_ppl_harness_scores_and_resumes(bin_dir: Path, tmp_path: Path) -> None:
 
     # a second run resumes from the cache: same scores, and no cached result is rewritten
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").iterdir()}
-    cached = quality.run("smollm2", "alice29", 256, 2, configs, tmp_path / "out", cache=tmp_path / "cache")
+    cached = quality.run(model, text, 256, 2, configs, tmp_path / "out", cache=tmp_path / "cache",
+                         label="smollm2-alice29")
     assert cached == scores
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "cache").iterdir()} == stamps
 

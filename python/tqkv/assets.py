@@ -131,6 +131,8 @@ ASSETS: dict[str, Asset] = {
 }
 MODELS = ("smollm2", "gemma3")
 TEXTS = tuple(_CANTERBURY)
+# what `tqkv calibrate` measures by default, and the text of a model's default profile (profile.ensure)
+CALIBRATION_TEXT = "lcet10"
 
 
 def cache_dir() -> Path:
@@ -163,6 +165,41 @@ def text(name: str = "alice29") -> Path:
 def model(name: str = "smollm2") -> Path:
     _check_name(name, MODELS)
     return fetch(name)
+
+
+def model_arg(arg: str) -> Path:
+    """A model named on the command line: a built-in name (fetched on first use) or a GGUF file."""
+    if arg in MODELS:
+        return model(arg)
+    path = Path(arg).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"{arg}: no such model file (or built-in model: {', '.join(MODELS)})")
+    with path.open("rb") as f:
+        if f.read(4) != b"GGUF":
+            raise ValueError(f"{arg}: not a GGUF file")
+    return path
+
+
+def text_arg(arg: str) -> Path:
+    """A text named on the command line: a built-in Canterbury name (fetched on first use) or a UTF-8 file."""
+    if arg in TEXTS:
+        return text(arg)
+    path = Path(arg).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"{arg}: no such text file (or built-in text: {', '.join(TEXTS)})")
+    data = path.read_bytes()
+    if not data.strip():
+        raise ValueError(f"{arg}: the text file is empty")
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{arg}: not UTF-8 text (byte {e.start})") from None
+    return path
+
+
+def label(arg: str) -> str:
+    """A short name for a model or text named on the command line, for report file names."""
+    return arg if arg in MODELS or arg in TEXTS else Path(arg).stem
 
 
 def llama_cpp_sdist() -> Path:

@@ -1,7 +1,7 @@
 """Build the patched llama.cpp (tools, tests, shared libs) and the patched llama-cpp-python.
 
-The pinned llama-cpp-python sdist (which vendors llama.cpp) is unpacked under build/, the
-patches/ series is applied once, tq_ggml/ is synced into ggml/src/ggml-tq/, and one CMake build
+The pinned llama-cpp-python sdist (which vendors llama.cpp) is unpacked under the build folder
+(~/.cache/tqkv/build: $TQKV_BUILD_DIR, else the tqkv cache dir's build/), the patches/ series is applied once, tq_ggml/ is synced into ggml/src/ggml-tq/, and one CMake build
 produces both the command-line tools and the shared libraries. The Python package is then
 installed from the patched sdist with its own compile switched off and those libraries copied into
 it, so llama-cpp-python and the tools run the same binaries. Every step is stamped, so a rebuild
@@ -22,9 +22,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import assets
+from . import assets, sources, types
 
-REPO = Path(__file__).resolve().parents[2]
 SDIST_ROOT = "llama_cpp_python-0.3.36"
 
 TARGETS = (
@@ -39,9 +38,9 @@ CPU_FLAGS = ("-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA
 
 @dataclass
 class Layout:
-    """Where a build lives; everything is under build/ (git-ignored)."""
+    """Where a build lives: everything is under one folder."""
 
-    root: Path = field(default_factory=lambda: REPO / "build")
+    root: Path = field(default_factory=lambda: build_root())
 
     @property
     def tree(self) -> Path:
@@ -58,13 +57,20 @@ class Layout:
         return self.cmake_dir(cuda) / "bin"
 
 
+def build_root() -> Path:
+    """$TQKV_BUILD_DIR, else the tqkv cache dir's build/."""
+    env = os.environ.get("TQKV_BUILD_DIR")
+    return Path(env).expanduser().resolve() if env else assets.cache_dir() / "build"
+
+
 def _log(msg: str) -> None:
     print(f"[tqkv build] {msg}", flush=True)
 
 
 def _run(cmd: list[str], **kw) -> None:
     _log("$ " + " ".join(cmd))
-    subprocess.run(cmd, check=True, **kw)
+    if subprocess.run(cmd, **kw).returncode != 0:
+        raise RuntimeError(f"build step failed: {' '.join(cmd[:3])} ... (its output is above)")
 
 
 def _digest(paths: list[Path], extra: str = "") -> str:
@@ -80,7 +86,7 @@ def build_id(cuda: bool = False) -> str:
     libs = [bin_dir(cuda) / n for n in ("libggml-base.so", "libggml-cpu.so", "libllama.so")]
     missing = [str(p) for p in libs if not p.is_file()]
     if missing:
-        raise FileNotFoundError(f"not built: {', '.join(missing)} (run `tqkv build`)")
+        raise FileNotFoundError(f"not built: {', '.join(missing)} (run `tqkv build{' --cuda' if cuda else ''}`)")
     return _digest([p.resolve() for p in libs])[:16]
 
 
@@ -105,7 +111,7 @@ def prepare_tree(layout: Layout) -> None:
     the files that differ are copied over, so CMake recompiles just what the change touched.
     """
     sdist = assets.llama_cpp_sdist()
-    patches = sorted((REPO / "patches").glob("*.patch"))
+    patches = sources.patches()
     stamp = layout.root / "src" / ".patched"
     want = _digest(patches, extra=sdist.name)
     if not (_stamp_ok(stamp, want) and layout.tree.exists()):
@@ -126,7 +132,7 @@ def prepare_tree(layout: Layout) -> None:
         _sync_dir(fresh, layout.tree, keep={"ggml-tq"})
         shutil.rmtree(staging)
         stamp.write_text(want)
-    _sync_dir(REPO / "tq_ggml", layout.llama_cpp / "ggml" / "src" / "ggml-tq")
+    _sync_dir(sources.tq_ggml(), layout.llama_cpp / "ggml" / "src" / "ggml-tq")
 
 
 def _sync_dir(src: Path, dst: Path, keep: set[str] = frozenset()) -> None:
@@ -157,7 +163,9 @@ def cmake_build(layout: Layout, cuda: bool, jobs: int, cuda_archs: str | None) -
         "-DCMAKE_BUILD_WITH_INSTALL_RPATH=ON", "-DCMAKE_INSTALL_RPATH=$ORIGIN",
     ]
     if cuda:
-        flags += ["-DGGML_CUDA=ON", f"-DCMAKE_CUDA_ARCHITECTURES={cuda_archs or 'native'}"]
+        if not (os.environ.get("CUDACXX") or shutil.which("nvcc") or Path("/usr/local/cuda/bin/nvcc").exists()):
+            raise RuntimeError("--cuda needs the CUDA toolkit (nvcc): none on PATH, in $CUDACXX or /usr/local/cuda")
+        flags += ["-DGGML_CUDA=ON", _cuda_archs_flag(cuda_archs)]
     _warn_static_libstdcxx()
     # CMake keeps the compilers of its first configure: a change of CC/CXX/CUDAHOSTCXX needs a new cache
     compilers = " ".join(f"{k}={os.environ.get(k, '')}" for k in ("CC", "CXX", "CUDAHOSTCXX"))
@@ -176,6 +184,29 @@ def cmake_build(layout: Layout, cuda: bool, jobs: int, cuda_archs: str | None) -
     # ninja prints [done/total] per step: the progress of the long compile
     _run(["cmake", "--build", str(bdir), "-j", str(jobs), "--target", *TARGETS])
     return layout.bin_dir(cuda)
+
+
+def gpu_visible() -> bool:
+    """True when nvidia-smi lists an NVIDIA GPU."""
+    try:
+        r = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return r.returncode == 0 and "GPU" in r.stdout
+
+
+def _cuda_archs_flag(cuda_archs: str | None) -> str:
+    """The CUDA architectures: the given list, else the visible GPUs' own ("native"), else (a build
+    machine without a GPU) llama.cpp's default list for a portable build: PTX for compute_75 and
+    compute_80 (RTX 20 and any newer card, compiled by the driver on first use), machine code for
+    sm_86 and sm_89 (RTX 30 and 40), PTX for Hopper and machine code for Blackwell where the CUDA
+    toolkit has them. The -U form drops a list an earlier configure left in CMake's cache."""
+    if cuda_archs:
+        return f"-DCMAKE_CUDA_ARCHITECTURES={cuda_archs}"
+    if gpu_visible():
+        return "-DCMAKE_CUDA_ARCHITECTURES=native"
+    _log("no GPU visible: building for llama.cpp's default CUDA architectures (sm_75 and newer)")
+    return "-UCMAKE_CUDA_ARCHITECTURES"
 
 
 def _warn_static_libstdcxx() -> None:
@@ -242,7 +273,7 @@ def _tool_binary_dirs() -> list[str]:
 
 def _llama_cpp_is_ours() -> bool:
     """True when `import llama_cpp` in a fresh interpreter gets the patched package and libs."""
-    probe = "import llama_cpp; assert llama_cpp.GGML_TYPE_TURBO3_0 == 44"
+    probe = f"import llama_cpp; assert llama_cpp.GGML_TYPE_TURBO3_0 == {types.TQ3_0}"
     env = {k: v for k, v in os.environ.items() if k != "LLAMA_CPP_LIB_PATH"}
     r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env)
     return r.returncode == 0
@@ -265,5 +296,5 @@ def bin_dir(cuda: bool = False) -> Path:
     """The folder of a finished build, or a clear error saying how to make one."""
     d = Layout().bin_dir(cuda)
     if not (d / "llama-server").exists():
-        raise FileNotFoundError(f"{d}/llama-server not found: run `tqkv build{' --cuda' if cuda else ''}` first")
+        raise FileNotFoundError(f"no {'CUDA ' if cuda else ''}build in {d.parent}: run `tqkv build{' --cuda' if cuda else ''}` first")
     return d

@@ -16,12 +16,15 @@ import ctypes
 import os
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 from .ggml_lib import Tensor
 
@@ -32,13 +35,22 @@ _K_CACHE_NAME = re.compile(rb"cache_(?:\w+_)?k_l(\d+)")
 
 @dataclass
 class LayerQKV:
+    """numpy arrays as captured; as_torch() gives the PyTorch reference's view."""
+
     layer: int
-    q: torch.Tensor      # [n_tokens, n_head, head_dim] float32
-    k: torch.Tensor      # [n_tokens, n_head_kv, head_dim]
-    v: torch.Tensor      # [n_tokens, n_head_kv, head_dim_v]
-    mask: torch.Tensor   # [n_tokens, n_tokens] additive: 0 or -inf (causal, sliding window where used)
+    q: np.ndarray | torch.Tensor     # [n_tokens, n_head, head_dim] float32
+    k: np.ndarray | torch.Tensor     # [n_tokens, n_head_kv, head_dim]
+    v: np.ndarray | torch.Tensor     # [n_tokens, n_head_kv, head_dim_v]
+    mask: np.ndarray | torch.Tensor  # [n_tokens, n_tokens] additive: 0 or -inf (causal, sliding window where used)
     scale: float         # FLASH_ATTN_EXT's logit scale
     softcap: float       # 0 when the model does not soft-cap logits
+
+    def as_torch(self) -> LayerQKV:
+        """The same layer with torch tensors (the [reference] extra)."""
+        import torch
+
+        return replace(self, q=torch.as_tensor(self.q), k=torch.as_tensor(self.k), v=torch.as_tensor(self.v),
+                       mask=torch.as_tensor(self.mask))
 
 
 def _ggml_base(lib_dir: Path) -> ctypes.CDLL:
@@ -96,8 +108,8 @@ def _layer_qkv(base: ctypes.CDLL, t: Tensor, layer: int) -> LayerQKV:
     va = _view(base, v, np.float16)[0].transpose(1, 0, 2)[:n].astype(np.float32)
     ma = _view(base, mask, np.float16)[0, 0][:n, :n].astype(np.float32)
     params = np.array(t.op_params[:3], np.int32).view(np.float32)
-    return LayerQKV(layer, torch.from_numpy(qa.copy()), torch.from_numpy(ka.copy()), torch.from_numpy(va.copy()),
-                    torch.from_numpy(ma.copy()), float(params[0]), float(params[2]))
+    return LayerQKV(layer, np.ascontiguousarray(qa), np.ascontiguousarray(ka), np.ascontiguousarray(va),
+                    np.ascontiguousarray(ma), float(params[0]), float(params[2]))
 
 
 class Session:

@@ -1,17 +1,36 @@
-"""tqkv: build the TurboQuant llama.cpp, fetch pinned assets, regenerate codebooks, run the demo."""
+"""tqkv: build the TurboQuant llama.cpp, calibrate a model, measure its KV caches (perplexity, KL
+divergence, needle in a haystack) and verify the kernels against the PyTorch reference."""
 
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 import sys
-import time
 from pathlib import Path
 
-from . import assets, build, codebooks, demo, niah, paper, parity, profile, quality
+# Only the standard library and assets (itself standard library only) at import: `tqkv --help` and
+# `tqkv build` stay fast and need none of the optional extras. Each subcommand imports what it runs.
+from . import assets
+
+MODEL_HELP = f"a .gguf file, or a built-in model: {', '.join(assets.MODELS)} (default: %(default)s)"
+TEXT_HELP = f"a UTF-8 text file, or a built-in text: {', '.join(assets.TEXTS)} (default: %(default)s)"
+CONFIG_METAVAR = "K/V[:norot|:nooff|:noscale|:noprof|:bN]"
+
+# the optional extra that provides a module a subcommand imported
+EXTRAS = {"torch": "reference", "scipy": "reference", "triton": "gpu", "matplotlib": "eval"}
 
 
 def _build(a: argparse.Namespace) -> None:
+    from . import build
+
     build.build(cuda=a.cuda, jobs=a.jobs, cuda_archs=a.cuda_archs, python=not a.no_python)
+
+
+def _bin(a: argparse.Namespace) -> None:
+    from . import build
+
+    print(build.bin_dir(a.cuda))
 
 
 def _fetch(a: argparse.Namespace) -> None:
@@ -20,31 +39,57 @@ def _fetch(a: argparse.Namespace) -> None:
 
 
 def _codebooks(a: argparse.Namespace) -> None:
-    for p in codebooks.generate(build.REPO):
+    from . import codebooks, sources
+
+    root = a.out or sources.checkout()
+    if root is None:
+        raise ValueError("an installed tqkv has no source checkout to rewrite: give --out DIR "
+                         "(or run it from a clone installed with pip install -e .)")
+    for p in codebooks.generate(root):
         print(f"wrote {p}")
 
 
 def _demo(a: argparse.Namespace) -> None:
+    from . import demo, quality
+
     configs = tuple((c.k, c.v) for c in map(quality.Config.parse, a.configs))
-    rows = demo.run(a.model, a.text, a.ctx, a.chunks, configs)
+    rows = demo.run(assets.model_arg(a.model), assets.text_arg(a.text), a.ctx, a.chunks, configs)
     print(demo.table(rows, a.ctx))
 
 
 def _ppl(a: argparse.Namespace) -> None:
-    scores = quality.run(a.model, a.text, a.ctx, a.chunks, a.configs, a.out)
+    from . import quality
+
+    for c in a.configs:
+        quality.Config.parse(c)  # a bad configuration fails before anything runs
+    out = a.out or assets.cache_dir() / "results" / "ppl"
+    scores = quality.run(assets.model_arg(a.model), assets.text_arg(a.text), a.ctx, a.chunks, a.configs, out,
+                         label=f"{assets.label(a.model)}-{assets.label(a.text)}")
     print(quality.table(scores))
+    print(f"report: {out}", file=sys.stderr)
 
 
 def _niah(a: argparse.Namespace) -> None:
-    outcomes = niah.run(a.model, a.text, a.lengths, a.depths, a.seeds, a.configs, a.out, a.cache, a.cuda)
-    print(niah.summary(outcomes, f"{a.model}-{a.text}", quality.layer_count(assets.model(a.model))))
+    from . import niah, quality
+
+    for c in a.configs:
+        quality.Config.parse(c)
+    model = assets.model_arg(a.model)
+    out = a.out or assets.cache_dir() / "results" / "niah"
+    label = f"{assets.label(a.model)}-{assets.label(a.text)}"
+    outcomes = niah.run(model, assets.text_arg(a.text), a.lengths, a.depths, a.seeds, a.configs, out, a.cache,
+                        a.cuda, label=label)
+    print(niah.summary(outcomes, label, quality.layer_count(model)))
+    print(f"report: {out}", file=sys.stderr)
 
 
 def _parity(a: argparse.Namespace) -> None:
+    from . import build, parity
+
     cuda = any(b.startswith("CUDA") for b in a.backends)
     bin_dir = build.bin_dir(cuda) if a.backends else None
     checks = parity.run(bin_dir, a.backends, real=not a.no_real, n_threads=a.threads, triton=a.triton,
-                         real_cache=a.real_cache)
+                        real_cache=a.real_cache)
     text = parity.report(checks)
     print(text)
     if a.out:
@@ -56,12 +101,18 @@ def _parity(a: argparse.Namespace) -> None:
 
 
 def _paper(a: argparse.Namespace) -> None:
+    from . import paper
+
     paper.main()
 
 
 def _calibrate(a: argparse.Namespace) -> None:
-    model = assets.model(a.model) if a.model in assets.MODELS else Path(a.model)
-    texts = [assets.text(t) if t in assets.TEXTS else Path(t) for t in a.text]
+    import time
+
+    from . import profile
+
+    model = assets.model_arg(a.model)
+    texts = [assets.text_arg(t) for t in a.text]
     start = time.perf_counter()
     out = profile.calibrate(model, texts, a.ctx, a.chunks, a.out, a.threads, a.gpu_layers)
     seconds = time.perf_counter() - start
@@ -71,54 +122,78 @@ def _calibrate(a: argparse.Namespace) -> None:
     print(f"measured {prof.n_tokens} tokens ({a.chunks} x {a.ctx}) of {prof.text_names} in {seconds:.1f} s")
 
 
-def _run_parser(sub: argparse._SubParsersAction, name: str, help: str, ctx: int, configs: list[str],
-                metavar: str) -> argparse.ArgumentParser:
-    """A subcommand that runs a model on a text under several cache configurations."""
-    r = sub.add_parser(name, help=help)
-    r.add_argument("--model", default="smollm2", choices=assets.MODELS)
-    r.add_argument("--text", default="alice29", choices=assets.TEXTS)
-    r.add_argument("--ctx", type=int, default=ctx)
-    r.add_argument("--chunks", type=int, default=8)
-    r.add_argument("--configs", nargs="+", default=configs, metavar=metavar)
-    return r
+def _model_and_text(r: argparse.ArgumentParser, text: str = "alice29", text_help: str = TEXT_HELP) -> None:
+    r.add_argument("model", nargs="?", default="smollm2", metavar="MODEL", help=MODEL_HELP)
+    r.add_argument("--text", default=text, metavar="TEXT", help=text_help)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tqkv", description=__doc__)
-    sub = p.add_subparsers(dest="cmd", required=True)
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     b = sub.add_parser("build", help="fetch, patch and build llama.cpp + llama-cpp-python")
     b.add_argument("--cuda", action="store_true", help="build the CUDA backend too (needs nvcc)")
-    b.add_argument("--cuda-archs", help="CMAKE_CUDA_ARCHITECTURES (default: native)")
+    b.add_argument("--cuda-archs", metavar="LIST",
+                   help="CMAKE_CUDA_ARCHITECTURES (default: the visible GPUs', else a desktop set from sm_75 up)")
     b.add_argument("--jobs", "-j", type=int, help="parallel compile jobs (default: all cores)")
     b.add_argument("--no-python", action="store_true", help="skip installing llama-cpp-python")
+    b.add_argument("--build-dir", type=Path, help="the build folder (default: $TQKV_BUILD_DIR, else ~/.cache/tqkv/build)")
     b.set_defaults(fn=_build)
 
-    f = sub.add_parser("fetch", help="download and verify pinned models and texts")
+    t = sub.add_parser("bin", help="print the folder of the built llama-server, llama-cli, llama-bench, ...")
+    t.add_argument("--cuda", action="store_true", help="the CUDA build's folder")
+    t.add_argument("--build-dir", type=Path, help="the build folder (default: $TQKV_BUILD_DIR, else ~/.cache/tqkv/build)")
+    t.set_defaults(fn=_bin)
+
+    f = sub.add_parser("fetch", help="download and verify the built-in models and texts")
     f.add_argument("names", nargs="*", help=f"assets (default: all of {', '.join(assets.ASSETS)})")
     f.set_defaults(fn=_fetch)
 
-    c = sub.add_parser("codebooks", help="regenerate codebooks/ and tq_ggml/tq-codebooks.h")
-    c.set_defaults(fn=_codebooks)
+    cal = sub.add_parser("calibrate", help="measure a model's TurboQuant key offset and scale into a profile GGUF")
+    cal.add_argument("model", metavar="MODEL", help=f"a .gguf file, or a built-in model: {', '.join(assets.MODELS)}")
+    cal.add_argument("--text", nargs="+", default=[assets.CALIBRATION_TEXT], metavar="TEXT",
+                     help=f"calibration texts, concatenated: UTF-8 files or built-in texts: {', '.join(assets.TEXTS)} "
+                          "(default: %(default)s)")
+    cal.add_argument("--ctx", type=int, default=512, help="tokens per chunk (default: %(default)s)")
+    cal.add_argument("--chunks", type=int, default=4, help="(default: %(default)s)")
+    cal.add_argument("-o", "--out", type=Path, help="the profile (default: beside the model, x.gguf -> x.tqkv.gguf)")
+    cal.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+    cal.add_argument("--gpu-layers", type=int, default=-1,
+                     help="layers on the GPU in a CUDA build (default -1: all; 0: CPU only)")
+    cal.set_defaults(fn=_calibrate)
 
-    d = _run_parser(sub, "demo", "f16 vs TurboQuant: KV memory, perplexity, greedy text", ctx=1024,
-                    configs=["f16/f16", "tq4_0/tq4_0", "tq3_0/tq2_0"], metavar="K/V")
+    d = sub.add_parser("demo", help="f16 vs TurboQuant: KV memory, perplexity, a greedy chat answer")
+    _model_and_text(d)
+    d.add_argument("--ctx", type=int, default=1024, help="(default: %(default)s)")
+    d.add_argument("--chunks", type=int, default=8, help="(default: %(default)s)")
+    d.add_argument("--configs", nargs="+", default=["f16/f16", "tq4_0/tq4_0", "tq3_0/tq2_0"], metavar="K/V",
+                   help="(default: %(default)s)")
     d.set_defaults(fn=_demo)
 
-    q = _run_parser(sub, "ppl", "perplexity / KL divergence of cache configurations against f16", ctx=2048,
-                    configs=list(quality.DEFAULT_CONFIGS), metavar="K/V[:norot|:nooff|:noscale|:bN]")
-    q.add_argument("--out", type=Path, default=build.REPO / "results" / "quality")
+    q = sub.add_parser("ppl", help="perplexity and KL divergence of cache configurations against f16")
+    _model_and_text(q)
+    q.add_argument("--ctx", type=int, default=2048, help="(default: %(default)s)")
+    q.add_argument("--chunks", type=int, default=8, help="(default: %(default)s)")
+    # upstream types with their rotation (q4_0 also without it), then TQ types, symmetric and mixed
+    q.add_argument("--configs", nargs="+", metavar=CONFIG_METAVAR, default=[
+        "q8_0/q8_0", "q5_1/q5_1", "q5_0/q5_0", "q4_1/q4_1", "iq4_nl/iq4_nl", "q4_0/q4_0", "q4_0/q4_0:norot",
+        "tq4_0/tq4_0", "tq4_0/tq4_0:nooff", "tq3_0/tq3_0", "tq3_0/tq3_0:noscale", "tq2_0/tq2_0",
+        "tq4_0/tq3_0", "tq3_0/tq2_0", "tq4_0/tq2_0", "q8_0/tq4_0", "q8_0/tq3_0", "q8_0/tq2_0"],
+        help="upstream types, TurboQuant pairs and ablations (default: 18 of them)")
+    q.add_argument("--out", type=Path, help="report folder (default: ~/.cache/tqkv/results/ppl)")
     q.set_defaults(fn=_ppl)
 
     n = sub.add_parser("niah", help="needle in a haystack: pass-key retrieval over context length and depth")
-    n.add_argument("--model", default="smollm2", choices=assets.MODELS)
-    n.add_argument("--text", default="alice29", choices=assets.TEXTS, help="the haystack")
-    n.add_argument("--lengths", type=int, nargs="+", default=list(niah.DEFAULT_LENGTHS), metavar="TOKENS")
-    n.add_argument("--depths", type=int, nargs="+", default=list(niah.DEFAULT_DEPTHS), metavar="PERCENT")
-    n.add_argument("--seeds", type=int, default=3, help="needles (passwords) per grid point")
-    n.add_argument("--configs", nargs="+", default=list(niah.DEFAULT_CONFIGS), metavar="K/V[:norot|:nooff|:noscale|:bN]")
-    n.add_argument("--out", type=Path, default=build.REPO / "results" / "niah")
-    n.add_argument("--cache", type=Path, help="per-point outcomes (default: the tqkv cache dir's niah/)")
+    _model_and_text(n, text_help="the haystack: " + TEXT_HELP)
+    n.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192], metavar="TOKENS",
+                   help="(default: %(default)s)")
+    n.add_argument("--depths", type=int, nargs="+", default=[0, 25, 50, 75, 100], metavar="PERCENT",
+                   help="(default: %(default)s)")
+    n.add_argument("--seeds", type=int, default=3, help="needles (passwords) per grid point (default: %(default)s)")
+    n.add_argument("--configs", nargs="+", default=["f16/f16", "tq4_0/tq4_0", "tq3_0/tq2_0", "q4_0/q4_0"],
+                   metavar=CONFIG_METAVAR, help="(default: %(default)s; f16/f16 always runs, as the baseline)")
+    n.add_argument("--out", type=Path, help="report folder (default: ~/.cache/tqkv/results/niah)")
+    n.add_argument("--cache", type=Path, help="per-point outcomes (default: ~/.cache/tqkv/niah)")
     n.add_argument("--cuda", action="store_true", help="llama-server of `tqkv build --cuda`, all layers on the GPU")
     n.set_defaults(fn=_niah)
 
@@ -137,23 +212,51 @@ def main(argv: list[str] | None = None) -> int:
     pc = sub.add_parser("paper", help="the paper's distortion bounds, codebooks and prod-vs-mse, checked (markdown)")
     pc.set_defaults(fn=_paper)
 
-    cal = sub.add_parser("calibrate", help="measure a model's TurboQuant key offset and scale into a profile GGUF")
-    cal.add_argument("model", metavar="MODEL", help=f"{' or '.join(assets.MODELS)}, or a .gguf file")
-    cal.add_argument("--text", nargs="+", default=[profile.DEFAULT_TEXT], metavar="NAME_OR_FILE",
-                     help=f"calibration texts, concatenated: {', '.join(assets.TEXTS)} or UTF-8 files")
-    cal.add_argument("--ctx", type=int, default=512, help="tokens per chunk")
-    cal.add_argument("--chunks", type=int, default=4)
-    cal.add_argument("-o", "--out", type=Path, help="the profile (default: beside the model, x.gguf -> x.tqkv.gguf)")
-    cal.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
-    cal.add_argument("--gpu-layers", type=int, default=-1,
-                     help="layers on the GPU in a CUDA build (default -1: all; 0: CPU only)")
-    cal.set_defaults(fn=_calibrate)
+    c = sub.add_parser("codebooks", help="regenerate codebooks/ and tq_ggml/tq-codebooks.h")
+    c.add_argument("--out", type=Path, help="write under this folder (default: the source checkout)")
+    c.set_defaults(fn=_codebooks)
+    return p
 
-    a = p.parse_args(argv)
+
+def _one_line(cmd: str, e: BaseException) -> str:
+    """An expected failure as one line; a longer message's rest goes to a log file that the line names."""
+    if isinstance(e, ModuleNotFoundError) and e.name:
+        top = e.name.split(".")[0]
+        if top == "llama_cpp":
+            return "the patched llama-cpp-python is not installed in this Python: run `tqkv build`"
+        if top in EXTRAS:
+            return f"needs {top}: pip install 'tqkv[{EXTRAS[top]}]'"
+    if isinstance(e, subprocess.CalledProcessError):
+        cmd_text = e.cmd if isinstance(e.cmd, str) else " ".join(map(str, e.cmd))
+        return f"{cmd_text} failed with exit code {e.returncode}"
+    if isinstance(e, OSError) and e.filename and not str(e).startswith(str(e.filename)):
+        msg = f"{e.filename}: {e.strerror or e}"
+    else:
+        msg = str(e) or type(e).__name__
+    first, _, rest = msg.partition("\n")
+    first = first.rstrip().rstrip(":")
+    if rest.strip():
+        log = assets.cache_dir() / "logs" / f"tqkv-{cmd}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text(msg + "\n")
+        first = f"{first} (details: {log})"
+    return first
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parser().parse_args(argv)
+    if getattr(a, "build_dir", None):
+        os.environ["TQKV_BUILD_DIR"] = str(a.build_dir.expanduser().resolve())
+    import requests  # a dependency of the core: its errors (a server that stopped answering) are expected ones
+
     try:
         a.fn(a)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"tqkv {a.cmd}: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"tqkv {a.cmd}: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, RuntimeError, ImportError, subprocess.SubprocessError,
+            requests.RequestException) as e:
+        print(f"tqkv {a.cmd}: error: {_one_line(a.cmd, e)}", file=sys.stderr)
         return 1
     return 0
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import assets, profile, runner
+from tqdm import tqdm
+
+from . import profile, runner
 from .types import cache_type
 
 PROMPT = "What is the capital of France? Answer in one sentence."
@@ -39,14 +41,12 @@ def generate(model: Path, k: str, v: str, prompt: str = PROMPT, max_tokens: int 
         llm.close()
 
 
-def run(model_name: str = "smollm2", text_name: str = "alice29", ctx: int = 1024, chunks: int = 8,
+def run(model: Path, text: Path, ctx: int = 1024, chunks: int = 8,
         configs: tuple[tuple[str, str], ...] = (("f16", "f16"), ("tq4_0", "tq4_0"), ("tq3_0", "tq2_0"))) -> list[Row]:
-    model = assets.model(model_name)
-    text = assets.text(text_name)
+    """Per K/V pair: perplexity on the text (ctx tokens x chunks) and a greedy chat answer."""
     profile.ensure(model)  # the TQ runs load it from beside the model
     rows = []
-    for k, v in configs:
-        print(f"[tqkv demo] K={k} V={v}: perplexity on {text.name}, ctx {ctx}, {chunks} chunks", flush=True)
+    for k, v in tqdm(configs, desc="tqkv demo", unit="pair"):
         p = runner.perplexity(model, text, k, v, ctx=ctx, chunks=chunks)
         bits = (cache_type(k).bits_per_value + cache_type(v).bits_per_value) / 2
         rows.append(Row(k, v, bits, p.kv.total_mib, p.kv.cells, p.ppl, p.err, generate(model, k, v)))

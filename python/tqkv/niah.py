@@ -38,18 +38,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import gguf
-import matplotlib
 import requests
+from tqdm import tqdm
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from . import assets, build, profile, runner
+from . import assets, build, plot, profile, runner
 from .quality import Config, layer_count
 
-DEFAULT_CONFIGS: tuple[str, ...] = ("f16/f16", "tq4_0/tq4_0", "tq3_0/tq2_0", "q4_0/q4_0")
-DEFAULT_LENGTHS: tuple[int, ...] = (1024, 2048, 4096, 8192)
-DEFAULT_DEPTHS: tuple[int, ...] = (0, 25, 50, 75, 100)
 BASE = "f16/f16"
 
 HEAD = ("There is an important password hidden inside a lot of irrelevant text. Find it and memorize it. "
@@ -125,7 +119,7 @@ def key(seed: int) -> str:
 
 def haystack(text: Path) -> str:
     """The text with its lines stripped and blank runs collapsed: the hard-wrapped lines are the needle's slots."""
-    lines = [line.strip() for line in text.read_text(encoding="latin-1").splitlines()]
+    lines = [line.strip() for line in text.read_text(encoding="utf-8").splitlines()]
     return "\n".join(line for i, line in enumerate(lines) if line or (i and lines[i - 1])).strip()
 
 
@@ -192,20 +186,20 @@ def run_config(model: Path, cfg: Config, points: list[Prompt], cache: Path, kv_p
     todo = [p for p in points if p.hash not in done]
     if todo:
         ctx = max(p.n_tokens for p in points) + N_PREDICT  # over all points: the same server on a resume
-        print(f"[tqkv niah] {cfg.name}: {len(points) - len(todo)}/{len(points)} points cached, "
-              f"starting llama-server -c {ctx}", flush=True)
+        tqdm.write(f"[tqkv niah] {cfg.name}: {len(points) - len(todo)}/{len(points)} points cached, "
+                   f"starting llama-server -c {ctx}")
         # -np 1: one slot keeps the previous prompt for the next; --swa-full: sliding-window layers
         # keep the whole context too, else a prompt that differs anywhere but the end is recomputed in full
         args = [*runner.cache_args(cfg.k, cfg.v), "-np", "1", "--swa-full", *(["-ngl", "99"] if cuda else [])]
         with runner.Server(model, args, ctx=ctx, env={"LLAMA_KV_PROFILE": str(kv_profile), **cfg.env},
-                           cuda=cuda) as srv:
-            for p in todo:
+                           cuda=cuda) as srv, tqdm(todo, desc=f"tqkv niah {cfg.name}", unit="prompt") as bar:
+            for p in bar:
                 t = time.monotonic()
                 answer = _complete(srv, p)
                 done[p.hash] = {"ok": p.key in answer, "answer": answer, "seconds": round(time.monotonic() - t, 2)}
                 done = _save(path, done)
-                print(f"[tqkv niah] {cfg.name} length {p.length} depth {p.depth}% seed {p.seed}: "
-                      f"{'ok' if done[p.hash]['ok'] else 'FAIL'} {done[p.hash]['seconds']:.1f} s", flush=True)
+                bar.set_postfix_str(f"length {p.length} depth {p.depth}% seed {p.seed}: "
+                                    f"{'ok' if done[p.hash]['ok'] else 'FAIL'}")
     return [Outcome(cfg.name, p.length, p.depth, p.seed, p.key, p.n_tokens, **done[p.hash]) for p in points]
 
 
@@ -238,21 +232,25 @@ def _complete(srv: runner.Server, p: Prompt) -> str:
     return body["content"]
 
 
-def run(model_name: str, text_name: str, lengths: list[int], depths: list[int], seeds: int, configs: list[str],
-        out_dir: Path, cache: Path | None = None, cuda: bool = False) -> list[Outcome]:
+def run(model: Path, text: Path, lengths: list[int], depths: list[int], seeds: int, configs: list[str],
+        out_dir: Path, cache: Path | None = None, cuda: bool = False, label: str | None = None) -> list[Outcome]:
+    """Every grid point under every configuration (f16 first); the report is out_dir/<label>.md/.json/.png.
+    Outcomes are cached per point, so a rerun resumes."""
     cfgs = [Config.parse(c) for c in dict.fromkeys([BASE, *configs])]  # f16 first: the baseline
+    if cuda:
+        runner.require_cuda()
     if seeds < 1:
         raise ValueError(f"seeds must be at least 1, not {seeds}")
     if not all(0 <= d <= 100 for d in depths):
         raise ValueError(f"depths are percentages from 0 to 100, not {depths}")
-    model = assets.model(model_name)
-    lengths = fit_lengths(lengths, n_ctx_train(model), model_name)
-    points = prompts(model, assets.text(text_name), lengths, sorted(set(depths)), seeds)
+    label = label or f"{model.stem}-{text.stem}"
+    lengths = fit_lengths(lengths, n_ctx_train(model), model.name)
+    points = prompts(model, text, lengths, sorted(set(depths)), seeds)
     cache = cache or assets.cache_dir() / "niah"
     cache.mkdir(parents=True, exist_ok=True)
     prof = profile.ensure(model)
     outcomes = [o for c in cfgs for o in run_config(model, c, points, cache, prof, cuda)]
-    write_report(outcomes, out_dir, f"{model_name}-{text_name}", layer_count(model))
+    write_report(outcomes, out_dir, label, layer_count(model))
     return outcomes
 
 
@@ -294,6 +292,9 @@ def write_report(outcomes: list[Outcome], out_dir: Path, stem: str, n_layer: int
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{stem}.md").write_text(summary(outcomes, stem, n_layer) + "\n")
     (out_dir / f"{stem}.json").write_text(json.dumps([asdict(o) for o in outcomes], indent=1) + "\n")
+    plt = plot.pyplot()
+    if plt is None:
+        return
     lengths, depths, seeds = _axes(outcomes)
     for name, cell in _cells(outcomes).items():
         grid = [[cell[length, depth] for length in lengths] for depth in depths]

@@ -27,6 +27,7 @@ from functools import cache
 from typing import Protocol
 
 import torch
+from tqdm import tqdm
 
 from . import codebooks, reference
 
@@ -441,10 +442,11 @@ def attention_finding(rows: Sequence[AttentionRow]) -> str:
 def report(n_vectors: int = 10000, n_draws: int = 4000, rho: float = 0.5, n_tokens: int = 512,
            models: Sequence[str] = ("smollm2", "gemma3"), text: str = "alice29", seed: int = 0) -> str:
     """The whole comparison as markdown; deterministic for fixed arguments."""
-    distortions = sorted((mse_distortion(b, d, n_vectors, seed) for d in DIMS for b in BITS),
+    cases = [(d, b) for d in DIMS for b in BITS]
+    distortions = sorted((mse_distortion(b, d, n_vectors, seed) for d, b in tqdm(cases, desc="tqkv paper: D_mse")),
                          key=lambda r: (r.bits, r.d))
-    products = sorted((r for d in DIMS for r in inner_product_errors(BITS, d, n_draws, rho, seed)),
-                      key=lambda r: (r.bits, r.d))
+    products = sorted((r for d in tqdm(DIMS, desc="tqkv paper: inner products")
+                       for r in inner_product_errors(BITS, d, n_draws, rho, seed)), key=lambda r: (r.bits, r.d))
     real = f" Real Q/K/V (section 5): {', '.join(models)}, first {n_tokens} tokens of {text}.txt." if models else ""
     parts = [
         f"Sample sizes: {n_vectors} random unit vectors per d for D_mse (one Haar rotation per d, seed {seed}); "
@@ -486,10 +488,10 @@ def _attention_section(models: Sequence[str], text: str, n_tokens: int, seed: in
     from . import assets, capture  # needs the patched llama-cpp-python (`tqkv build`)
 
     rows, files = [], []
-    for model in models:
+    for model in tqdm(models, desc="tqkv paper: real attention"):
         path = assets.model(model)
         files.append(f"{model} ({path.name})")
-        layers = capture.capture(path, assets.text(text).read_text(), n_tokens)
+        layers = [c.as_torch() for c in capture.capture(path, assets.text(text).read_text(), n_tokens)]
         rows += [AttentionRow(model, layers[0].k.shape[-1], b, attention_errors(layers, b, seed)) for b in BITS]
     return [
         "## 5. TurboQuant_prod vs TurboQuant_mse on real attention",

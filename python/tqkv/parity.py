@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from . import assets, reference
 from .ggml_lib import TYPE_F32, Backend
@@ -100,7 +101,7 @@ def real_layers(n_tokens: int = 256) -> list[RealLayer]:
     for model in assets.MODELS:
         layers = capture(assets.model(model), text, n_tokens)
         for il in sorted({0, len(layers) // 2, len(layers) - 1}):
-            c = layers[il]
+            c = layers[il].as_torch()
             n = reference.k_rotation_size(c.q.shape[-1])
             out.append(RealLayer(model, il, reference.rotate(c.q, n).float(), reference.rotate(c.k, n).float(),
                                  reference.rotate(c.v, reference.V_ROTATION_SIZE).float(), c.mask, c.scale))
@@ -289,7 +290,7 @@ def run(bin_dir: Path | None, backends: list[str], real: bool = True, n_threads:
     checks = triton_checks(layers) if triton else []
     if backends and bin_dir is None:
         raise ValueError("ggml backends need the build folder that holds them")
-    for name in backends:
+    for name in tqdm(backends, desc="tqkv parity", unit="backend"):
         be = Backend(bin_dir, name, n_threads)
         try:
             checks += quantize_checks(be, layers) + flash_attn_checks(be, layers)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import gguf
 import numpy as np
+from tqdm import tqdm
 
 from . import assets, capture
 
@@ -33,8 +34,6 @@ VERSION = 1
 # beat no scale on both test models, 1/4 loses on SmolLM2)
 K_SCALE_EXPONENT = 0.125
 K_SCALE_EPS = 0.01        # floor on a channel's energy, as a fraction of its head's mean
-# the text `tqkv` calibrates on when it makes a model's default profile (ensure)
-DEFAULT_TEXT = "lcet10"
 
 KEY_VERSION = "tqkv.profile.version"
 KEY_FINGERPRINT = "tqkv.model.fingerprint"
@@ -160,8 +159,7 @@ def calibrate(model: Path, texts: list[Path], n_ctx: int = 512, n_chunks: int = 
     sums: dict[int, _Sums] = {}
 
     def on_layer(layer: capture.LayerQKV) -> None:
-        k = layer.k.numpy()
-        sums.setdefault(layer.layer, _Sums(k.shape[1], k.shape[2])).add(layer.q.numpy(), k)
+        sums.setdefault(layer.layer, _Sums(layer.k.shape[1], layer.k.shape[2])).add(layer.q, layer.k)
 
     with capture.Session(model, n_ctx, n_threads, n_gpu_layers) as s:
         arch = s.meta("general.architecture")
@@ -172,7 +170,7 @@ def calibrate(model: Path, texts: list[Path], n_ctx: int = 512, n_chunks: int = 
         tokens = _tokenize_prefix(s, data, n_ctx * n_chunks)
         if len(tokens) < n_ctx * n_chunks:
             raise ValueError(f"the texts have {len(tokens)} tokens, fewer than {n_chunks} chunks of {n_ctx}")
-        for i in range(n_chunks):
+        for i in tqdm(range(n_chunks), desc="tqkv calibrate", unit="chunk"):
             chunk = tokens[i * n_ctx:(i + 1) * n_ctx]
             if s.bos is not None:
                 chunk[0] = s.bos
@@ -190,7 +188,7 @@ def calibrate(model: Path, texts: list[Path], n_ctx: int = 512, n_chunks: int = 
 
 def ensure(model: Path) -> Path:
     """The model's default profile, beside it (what llama.cpp loads when given none): calibrated on
-    DEFAULT_TEXT first when it is missing, unreadable or made for another file."""
+    assets.CALIBRATION_TEXT first when it is missing, unreadable or made for another file."""
     path = default_path(model)
     if path.is_file():
         try:
@@ -198,7 +196,7 @@ def ensure(model: Path) -> Path:
                 return path
         except ValueError:
             pass
-    return calibrate(model, [assets.text(DEFAULT_TEXT)], out=path)
+    return calibrate(model, [assets.text(assets.CALIBRATION_TEXT)], out=path)
 
 
 def write(profile: Profile, path: Path) -> None:

@@ -20,22 +20,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import gguf
-import matplotlib
+from tqdm import tqdm
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from . import assets, build, profile, runner
+from . import assets, build, plot, profile, runner
 from .types import TQ2_0, TQ3_0, TQ4_0, cache_type
 
 TQ_IDS = (TQ2_0, TQ3_0, TQ4_0)
 
-# upstream types with their rotation (q4_0 also without it), then TQ types, symmetric and mixed
-DEFAULT_CONFIGS: tuple[str, ...] = (
-    "q8_0/q8_0", "q5_1/q5_1", "q5_0/q5_0", "q4_1/q4_1", "iq4_nl/iq4_nl", "q4_0/q4_0", "q4_0/q4_0:norot",
-    "tq4_0/tq4_0", "tq4_0/tq4_0:nooff", "tq3_0/tq3_0", "tq3_0/tq3_0:noscale", "tq2_0/tq2_0",
-    "tq4_0/tq3_0", "tq3_0/tq2_0", "tq4_0/tq2_0", "q8_0/tq4_0", "q8_0/tq3_0", "q8_0/tq2_0",
-)
 
 _FIELDS = {
     "ppl": r"Mean PPL\(Q\)\s+:\s+([0-9.]+)",
@@ -130,10 +121,11 @@ def _key(*parts: object) -> str:
 
 
 def base_logits(model: Path, text: Path, ctx: int, chunks: int, cache: Path) -> Path:
-    """f16 logits of the model on the text, saved once."""
-    out = cache / f"base-{model.stem}-{text.stem}-c{ctx}-n{chunks}.kld"
+    """f16 logits of the model on the text, saved once (named by the model's fingerprint and the
+    text's hash: two files of one name stay apart)."""
+    text_sha = hashlib.sha256(text.read_bytes()).hexdigest()[:12]
+    out = cache / f"base-{model.stem}-{profile.fingerprint(model)[:12]}-{text.stem}-{text_sha}-c{ctx}-n{chunks}.kld"
     if not out.exists():
-        print(f"[tqkv ppl] f16 base logits -> {out}", flush=True)
         tmp = out.with_suffix(".tmp")
         _perplexity(["-m", str(model), "-f", str(text), "-c", str(ctx), "--chunks", str(chunks),
                      "--kl-divergence-base", str(tmp), *runner.cache_args("f16", "f16")])
@@ -149,7 +141,6 @@ def score(model: Path, base: Path, cfg: Config, cache: Path, ctx: int, kv_profil
     out = cache / f"score-{_key(model.name, base.name, cfg.name, ctx, build.build_id(), calib, extra)}.json"
     if out.exists():
         return Score(**json.loads(out.read_text()))
-    print(f"[tqkv ppl] {cfg.name} {' '.join(extra)}", flush=True)
     log = _perplexity(["-m", str(model), "-c", str(ctx), "--kl-divergence-base", str(base), "--kl-divergence",
                        *runner.cache_args(cfg.k, cfg.v), *extra], {"LLAMA_KV_PROFILE": str(kv_profile), **cfg.env})
     vals = {}
@@ -172,16 +163,24 @@ def _perplexity(args: list[str], env: dict[str, str] | None = None) -> str:
     return log
 
 
-def run(model_name: str, text_name: str, ctx: int, chunks: int, configs: list[str],
-        out_dir: Path, cache: Path | None = None) -> list[Score]:
+def run(model: Path, text: Path, ctx: int, chunks: int, configs: list[str], out_dir: Path,
+        cache: Path | None = None, label: str | None = None) -> list[Score]:
+    """Score the configurations on the model and text; the report (out_dir/<label>-c<ctx>.md/.json/.png)
+    keeps earlier rows. Finished configurations are cached, so a rerun resumes."""
     cfgs = [Config.parse(c) for c in configs]
-    model, text = assets.model(model_name), assets.text(text_name)
     cache = cache or assets.cache_dir() / "ppl"
     cache.mkdir(parents=True, exist_ok=True)
-    base = base_logits(model, text, ctx, chunks, cache)
     prof = profile.ensure(model)
-    scores = [score(model, base, c, cache, ctx, prof) for c in cfgs]
-    stem = f"{model_name}-{text_name}-c{ctx}"
+    scores = []
+    with tqdm(total=len(cfgs) + 1, desc="tqkv ppl", unit="run") as bar:
+        bar.set_postfix_str("f16 base logits")
+        base = base_logits(model, text, ctx, chunks, cache)
+        bar.update()
+        for c in cfgs:
+            bar.set_postfix_str(c.name)
+            scores.append(score(model, base, c, cache, ctx, prof))
+            bar.update()
+    stem = f"{label or f'{model.stem}-{text.stem}'}-c{ctx}"
     write_report(merge(load_report(out_dir, stem), scores), out_dir, stem)
     return scores
 
@@ -226,6 +225,9 @@ def write_report(scores: list[Score], out_dir: Path, stem: str) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{stem}.md").write_text(table(scores) + "\n")
     (out_dir / f"{stem}.json").write_text(json.dumps([asdict(s) for s in scores], indent=1) + "\n")
+    plt = plot.pyplot()
+    if plt is None:
+        return
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for s in scores:
         boundary, tq = Config.parse(s.config).boundary, "tq" in s.config  # triangles: boundary layers in q8_0

@@ -23,19 +23,19 @@ from __future__ import annotations
 
 import json
 from functools import cache
-from pathlib import Path
 
 import torch
 
+from . import sources
+
 QK = 64
 FP16_MAX = 65504.0
-CODEBOOKS = Path(__file__).resolve().parents[2] / "codebooks" / "tq_codebooks.json"
 
 
 @cache
 def codebook(bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(centroids, boundaries) as float32, exactly the values compiled into tq-codebooks.h."""
-    cb = json.loads(CODEBOOKS.read_text())["bits"][str(bits)]
+    cb = json.loads(sources.codebooks_json().read_text())["bits"][str(bits)]
     return (torch.tensor(cb["centroids"], dtype=torch.float32),
             torch.tensor(cb["boundaries"], dtype=torch.float32))
 

@@ -69,6 +69,13 @@ def perplexity(model: Path, text: Path, k: str = "f16", v: str = "f16", ctx: int
     return Perplexity(float(m.group(1)), float(m.group(2)), kv_size(log), log)
 
 
+def require_cuda() -> None:
+    """A CUDA build and a GPU to run it on, or a clear error."""
+    build.bin_dir(cuda=True)
+    if not build.gpu_visible():
+        raise RuntimeError("no NVIDIA GPU visible (nvidia-smi lists none): run without --cuda")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -80,6 +87,8 @@ class Server:
 
     def __init__(self, model: Path, args: list[str], ctx: int = 2048, startup_s: float = 120.0,
                  env: dict[str, str] | None = None, cuda: bool = False):
+        if cuda:
+            require_cuda()
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.cmd = [str(tool("llama-server", cuda)), "-m", str(model), "--host", "127.0.0.1",

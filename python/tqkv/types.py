@@ -1,16 +1,30 @@
-"""The KV-cache types this project adds to ggml, and the stock ones it compares against."""
+"""The KV-cache types this project adds to ggml, and the stock ones it compares against.
+
+The TurboQuant type ids have one source: the ggml_type enum that patches/0001 adds to ggml.h. They
+are read from that patch here, and the patched llama-cpp-python's constants are checked against it
+(tests/test_build.py)."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
-# ggml enum ids (patches/0001): after upstream's last type, Q2_0 = 42. ggml's own TQ1_0/TQ2_0
-# (34/35) are ternary weight types and unrelated.
-TQ2_0 = 43
-TQ3_0 = 44
-TQ4_0 = 45
+from . import sources
 
 QK_TQ = 64  # values per block: one fp16 scale + QK_TQ codebook indices
+
+
+def _enum_ids() -> dict[int, int]:
+    """bits -> ggml type id, from the `+ GGML_TYPE_TURBO<b>_0 = <id>,` lines of patches/0001."""
+    patch = next(p for p in sources.patches() if p.name.startswith("0001-"))
+    ids = {int(b): int(i) for b, i in re.findall(r"^\+\s*GGML_TYPE_TURBO(\d)_0\s*=\s*(\d+),", patch.read_text(), re.M)}
+    if sorted(ids) != [2, 3, 4]:
+        raise RuntimeError(f"{patch.name}: expected GGML_TYPE_TURBO2_0/3_0/4_0 in the ggml_type enum, found {ids}")
+    return ids
+
+
+# ggml's own TQ1_0/TQ2_0 (34/35) are ternary weight types and unrelated.
+TQ2_0, TQ3_0, TQ4_0 = (_enum_ids()[b] for b in (2, 3, 4))
 
 
 @dataclass(frozen=True)
