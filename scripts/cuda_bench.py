@@ -8,7 +8,7 @@ bound each tg64 reaches, and the ceiling: tg64 with f16's step at depth 0 plus o
 bytes read at copy bandwidth, over f16 at that depth), bench.json and bench.png under --out. Results are kept per configuration,
 so an interrupted run resumes.
 
-    python scripts/cuda_bench.py --bin build/cuda/bin --out results/cuda
+    python scripts/cuda_bench.py --bin "$(tqkv bin --cuda)" --out results/cuda
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -35,9 +34,6 @@ Q4_0_BYTES = 18 / 32  # bytes per weight
 
 def write_model(path: Path) -> None:
     """The Llama-3.1-8B shape with random Q4_0 weights (tqkv.synth)."""
-    # the GPU machine has no gguf package: take gguf-py from the patched llama.cpp tree
-    root = Path(__file__).resolve().parents[1]
-    sys.path[:0] = [str(root / "build/src/llama_cpp_python-0.3.36/vendor/llama.cpp/gguf-py"), str(root / "python")]
     from tqkv import synth
 
     synth.write_llama(path, N_LAYER, N_EMBD, N_HEAD, N_HEAD_KV, HEAD_DIM, N_FF, N_VOCAB, q4_0=True)
@@ -139,11 +135,15 @@ def plot(results: dict[str, list[dict]], path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--bin", type=Path, default=Path("build/cuda/bin"))
-    ap.add_argument("--model", type=Path, default=Path("build/llama8b-q4_0-random.gguf"))
+    ap.add_argument("--bin", type=Path, help="the CUDA build's tools (default: tqkv bin --cuda)")
+    ap.add_argument("--model", type=Path, help="the random-weight model (default: in the build folder)")
     ap.add_argument("--out", type=Path, default=Path("results/cuda"))
     ap.add_argument("--reps", type=int, default=2)
     a = ap.parse_args()
+    from tqkv import build
+
+    a.bin = a.bin or build.bin_dir(cuda=True)
+    a.model = a.model or build.Layout().root / "llama8b-q4_0-random.gguf"
     cache = a.out / "runs"
     cache.mkdir(parents=True, exist_ok=True)
     if not a.model.exists() and not all((cache / f"{k}-{v}.json").exists() for k, v in CONFIGS):

@@ -3,11 +3,11 @@
 # logits when the TurboQuant K or V cache of some layers is stored as q8_0 instead
 # (patches/experiments/tq-q8-layers.patch: LLAMA_TQ_Q8_K_LAYERS / LLAMA_TQ_Q8_V_LAYERS).
 # SmolLM2-135M Q4_1 (30 layers), alice29, ctx 2048, 2 chunks. Needs a finished `tqkv build`;
-# builds the variant in build/exp-q8layers (about 5 min on 2 cores), then about 1 min per row.
+# builds the variant in the build folder's exp-q8layers (about 5 min on 2 cores), then about 1 min per row.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
-tree=$root/build/src/llama_cpp_python-0.3.36/vendor/llama.cpp
-exp=$root/build/exp-q8layers
+tree=$(python -c "from tqkv import build; print(build.Layout().llama_cpp)")
+exp=$(python -c "from tqkv import build; print(build.Layout().root)")/exp-q8layers
 bin=$exp/bin/bin/llama-perplexity
 model=$(python -c "from tqkv import assets; print(assets.model('smollm2'))")
 text=$(python -c "from tqkv import assets; print(assets.text('alice29'))")

@@ -2,11 +2,11 @@
 # Rotation choices for the TQ types, measured: upstream's Hadamard (what the types rely on),
 # the same with random sign flips (R = D H D, patches/experiments/random-signs.patch), and no
 # rotation (LLAMA_ATTN_ROT_DISABLE=1). SmolLM2-135M Q4_1, alice29, ctx 512, 6 chunks, V f16.
-# Needs a finished `tqkv build`; builds the variant in build/exp-signs (about 5 min on 2 cores).
+# Needs a finished `tqkv build`; builds the variant in the build folder's exp-signs (about 5 min on 2 cores).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
-tree=$root/build/src/llama_cpp_python-0.3.36/vendor/llama.cpp
-exp=$root/build/exp-signs
+tree=$(python -c "from tqkv import build; print(build.Layout().llama_cpp)")
+exp=$(python -c "from tqkv import build; print(build.Layout().root)")/exp-signs
 model=$(python -c "from tqkv import assets; print(assets.model('smollm2'))")
 text=$(python -c "from tqkv import assets; print(assets.text('alice29'))")
 

@@ -10,7 +10,7 @@ import llama_cpp
 import numpy as np
 import pytest
 
-from tqkv import assets, runner, types
+from tqkv import runner, types
 
 
 def test_offset_lowers_perplexity(smollm2: Path, alice: Path, monkeypatch) -> None:
