@@ -122,9 +122,13 @@ def _calibrate(a: argparse.Namespace) -> None:
     print(f"measured {prof.n_tokens} tokens ({a.chunks} x {a.ctx}) of {prof.text_names} in {seconds:.1f} s")
 
 
-def _model_and_text(r: argparse.ArgumentParser, text: str = "alice29", text_help: str = TEXT_HELP) -> None:
+def _model_and_text(r: argparse.ArgumentParser, text_help: str = TEXT_HELP, ctx: int | None = None) -> None:
+    """MODEL and --text of a subcommand that runs a model; --ctx and --chunks where it scores a text."""
     r.add_argument("model", nargs="?", default="smollm2", metavar="MODEL", help=MODEL_HELP)
-    r.add_argument("--text", default=text, metavar="TEXT", help=text_help)
+    r.add_argument("--text", default="alice29", metavar="TEXT", help=text_help)
+    if ctx is not None:
+        r.add_argument("--ctx", type=int, default=ctx, help="tokens per chunk (default: %(default)s)")
+        r.add_argument("--chunks", type=int, default=8, help="(default: %(default)s)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -163,17 +167,13 @@ def parser() -> argparse.ArgumentParser:
     cal.set_defaults(fn=_calibrate)
 
     d = sub.add_parser("demo", help="f16 vs TurboQuant: KV memory, perplexity, a greedy chat answer")
-    _model_and_text(d)
-    d.add_argument("--ctx", type=int, default=1024, help="(default: %(default)s)")
-    d.add_argument("--chunks", type=int, default=8, help="(default: %(default)s)")
+    _model_and_text(d, ctx=1024)
     d.add_argument("--configs", nargs="+", default=["f16/f16", "tq4_0/tq4_0", "tq3_0/tq2_0"], metavar="K/V",
                    help="(default: %(default)s)")
     d.set_defaults(fn=_demo)
 
     q = sub.add_parser("ppl", help="perplexity and KL divergence of cache configurations against f16")
-    _model_and_text(q)
-    q.add_argument("--ctx", type=int, default=2048, help="(default: %(default)s)")
-    q.add_argument("--chunks", type=int, default=8, help="(default: %(default)s)")
+    _model_and_text(q, ctx=2048)
     # upstream types with their rotation (q4_0 also without it), then TQ types, symmetric and mixed
     q.add_argument("--configs", nargs="+", metavar=CONFIG_METAVAR, default=[
         "q8_0/q8_0", "q5_1/q5_1", "q5_0/q5_0", "q4_1/q4_1", "iq4_nl/iq4_nl", "q4_0/q4_0", "q4_0/q4_0:norot",
