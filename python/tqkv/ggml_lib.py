@@ -37,6 +37,8 @@ class Ggml:
         self.base.ggml_get_type_traits.argtypes = [ctypes.c_int]
         self.cpu.ggml_get_type_traits_cpu.restype = ctypes.POINTER(TypeTraitsCPU)
         self.cpu.ggml_get_type_traits_cpu.argtypes = [ctypes.c_int]
+        self.base.ggml_validate_row_data.restype = ctypes.c_bool
+        self.base.ggml_validate_row_data.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t]
         self.base.ggml_type_name.restype = ctypes.c_char_p
         self.base.ggml_type_name.argtypes = [ctypes.c_int]
         self.base.ggml_quantize_chunk.restype = ctypes.c_size_t
@@ -71,6 +73,11 @@ class Ggml:
         y = np.zeros(n, dtype=np.float32)
         RowFn(self.traits(type_id).to_float)(np.ascontiguousarray(q).ctypes.data, y.ctypes.data, n)
         return y
+
+    def validate_row(self, type_id: int, q: np.ndarray) -> bool:
+        """ggml_validate_row_data: False for data a loader must refuse (non-finite block scales, ...)."""
+        q = np.ascontiguousarray(q)
+        return bool(self.base.ggml_validate_row_data(type_id, q.ctypes.data, q.nbytes))
 
     def vec_dot(self, type_id: int, q: np.ndarray, y: np.ndarray) -> float:
         """The CPU backend's dot of one quantized row with an F32 row (what FLASH_ATTN_EXT calls)."""
