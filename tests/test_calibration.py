@@ -125,6 +125,13 @@ def test_slot_files_follow_the_calibration(smollm2: Path, tmp_path: Path) -> Non
     with runner.Server(smollm2, [*args, "--kv-profile", "none"]) as srv:
         before = srv.chat(question)
         r = slot(srv, "restore")
-        assert r.status_code != 200 and "Unable to restore slot" in r.text, r.text
+        # the answer carries the reason llama.cpp logged, not only a generic message (patches/0019)
+        assert r.status_code == 400 and "Unable to restore slot: " in r.text, r.text
+        assert "saved under another TurboQuant calibration" in r.json()["error"]["message"], r.text
         assert srv.chat(question) == before
     assert "saved under another TurboQuant calibration" in srv.log, srv.log[-3000:]
+    # the same calibration, other cache types: refused for the type, and the answer says so
+    tq4 = [*runner.cache_args("tq4_0", "tq4_0"), "--parallel", "1", "-t", "2", "--slot-save-path", str(tmp_path)]
+    with runner.Server(smollm2, tq4) as srv:
+        r = slot(srv, "restore")
+        assert r.status_code == 400 and "mismatched key type" in r.json()["error"]["message"], r.text
