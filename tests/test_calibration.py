@@ -135,3 +135,8 @@ def test_slot_files_follow_the_calibration(smollm2: Path, tmp_path: Path) -> Non
     with runner.Server(smollm2, tq4) as srv:
         r = slot(srv, "restore")
         assert r.status_code == 400 and "mismatched key type" in r.json()["error"]["message"], r.text
+    # an f16 cache: refused because the keys are TurboQuant's (the state's stream count is tagged)
+    f16 = [*runner.cache_args("f16", "f16"), "--parallel", "1", "-t", "2", "--slot-save-path", str(tmp_path)]
+    with runner.Server(smollm2, f16) as srv:
+        r = slot(srv, "restore")
+        assert r.status_code == 400 and "saved with a TurboQuant key cache and this cache is not one" in r.text, r.text
