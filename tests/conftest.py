@@ -13,11 +13,20 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from tqkv import assets, build, profile
+from tqkv.ggml_lib import Backend
 
 
 @pytest.fixture(scope="session")
 def bin_dir() -> Path:
     return build.bin_dir()
+
+
+@pytest.fixture(scope="module")
+def cpu(bin_dir: Path):
+    """The built CPU backend, for graphs of single ops."""
+    be = Backend(bin_dir, "CPU")
+    yield be
+    be.close()
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,6 @@ non-finite scale.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,13 +24,6 @@ BLOCK_BYTES = {t: 2 + types.QK_TQ * b // 8 for t, b in ((types.TQ2_0, 2), (types
 SCALES = (0x0000, 0x8000, 0x0001, 0x03FF, 0x0400, 0x3C00, 0x7BFF, 0xFBFF, 0x7C00, 0xFC00, 0x7E00, 0x7C01, 0xFFFF)
 PATTERNS = (0x00, 0xFF, 0xAA, 0x55, None)  # None: random index bytes
 N_RANDOM_ROWS = 4000
-
-
-@pytest.fixture(scope="module")
-def cpu(bin_dir: Path):
-    be = Backend(bin_dir, "CPU")
-    yield be
-    be.close()
 
 
 def _rows(type_id: int, rng: np.random.Generator) -> np.ndarray:

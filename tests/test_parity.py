@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,13 +11,6 @@ import torch.nn.functional as F
 
 from tqkv import parity, reference
 from tqkv.ggml_lib import Backend
-
-
-@pytest.fixture(scope="module")
-def cpu(bin_dir: Path):
-    be = Backend(bin_dir, "CPU")
-    yield be
-    be.close()
 
 
 @pytest.fixture(scope="module")

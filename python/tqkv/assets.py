@@ -167,13 +167,19 @@ def model(name: str = "smollm2") -> Path:
     return fetch(name)
 
 
+def _user_file(arg: str, kind: str, known: Iterable[str]) -> Path:
+    """The file a command-line argument names, or a clear error that lists the built-in names too."""
+    path = Path(arg).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"{arg}: no such {kind} file (or built-in {kind}: {', '.join(known)})")
+    return path
+
+
 def model_arg(arg: str) -> Path:
     """A model named on the command line: a built-in name (fetched on first use) or a GGUF file."""
     if arg in MODELS:
         return model(arg)
-    path = Path(arg).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"{arg}: no such model file (or built-in model: {', '.join(MODELS)})")
+    path = _user_file(arg, "model", MODELS)
     with path.open("rb") as f:
         if f.read(4) != b"GGUF":
             raise ValueError(f"{arg}: not a GGUF file")
@@ -184,9 +190,7 @@ def text_arg(arg: str) -> Path:
     """A text named on the command line: a built-in Canterbury name (fetched on first use) or a UTF-8 file."""
     if arg in TEXTS:
         return text(arg)
-    path = Path(arg).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"{arg}: no such text file (or built-in text: {', '.join(TEXTS)})")
+    path = _user_file(arg, "text", TEXTS)
     data = path.read_bytes()
     if not data.strip():
         raise ValueError(f"{arg}: the text file is empty")
