@@ -1,6 +1,6 @@
 // TurboQuant calibration profile: the key mean and key channel scale of each attention layer of a
 // model, measured once by `tqkv calibrate` (python/tqkv/profile.py) and loaded by the llama KV cache
-// (patch 0016). The profile is a GGUF file; it names the model it was measured on by a fingerprint
+// (patch 0016); optionally a bit allocation, the cache type of each layer's K and V (patch 0020). The profile is a GGUF file; it names the model it was measured on by a fingerprint
 // of the model file, so that a profile cannot be applied to another model by mistake.
 #include "ggml.h"
 #include "gguf.h"
@@ -84,6 +84,45 @@ static bool tq_has(const struct gguf_context * g, const char * key, enum gguf_ty
     return id >= 0 && gguf_get_kv_type(g, id) == type;
 }
 
+// the bit allocation's arrays: one cache type name per layer of the model, K and V
+static const char * tq_alloc_keys[2] = { "tqkv.alloc.k_types", "tqkv.alloc.v_types" };
+
+// the types an allocation may assign; "" for a layer without a KV cache
+static enum ggml_type tq_alloc_type(const char * name) {
+    if (strcmp(name, "f16") == 0) {
+        return GGML_TYPE_F16;
+    }
+    if (strcmp(name, "q8_0") == 0) {
+        return GGML_TYPE_Q8_0;
+    }
+    return ggml_turbo_type_from_name(name);
+}
+
+static bool tq_alloc_check(const struct gguf_context * g, char * err, size_t err_size) {
+    const bool have[2] = { gguf_find_key(g, tq_alloc_keys[0]) >= 0, gguf_find_key(g, tq_alloc_keys[1]) >= 0 };
+    if (!have[0] && !have[1]) {
+        return true;
+    }
+    const uint32_t n_layer = gguf_get_val_u32(g, gguf_find_key(g, "tqkv.model.n_layer"));
+    for (int kv = 0; kv < 2; ++kv) {
+        const int64_t id = gguf_find_key(g, tq_alloc_keys[kv]);
+        if (id < 0 || gguf_get_kv_type(g, id) != GGUF_TYPE_ARRAY || gguf_get_arr_type(g, id) != GGUF_TYPE_STRING ||
+                gguf_get_arr_n(g, id) != n_layer) {
+            tq_err(err, err_size, "the bit allocation needs %s as an array of %u type names", tq_alloc_keys[kv], n_layer);
+            return false;
+        }
+        for (uint32_t il = 0; il < n_layer; ++il) {
+            const char * name = gguf_get_arr_str(g, id, il);
+            if (name[0] != '\0' && tq_alloc_type(name) == GGML_TYPE_COUNT) {
+                tq_err(err, err_size, "%s[%u] is \"%.32s\": a bit allocation assigns f16, q8_0, tq2_0, tq3_0 or tq4_0",
+                       tq_alloc_keys[kv], il, name);
+                return false;
+            }
+        }
+    }
+    return true;
+}
+
 void ggml_turbo_profile_free(struct ggml_turbo_profile * p) {
     if (p) {
         gguf_free(p->gguf);
@@ -127,6 +166,9 @@ struct ggml_turbo_profile * ggml_turbo_profile_load(const char * path, char * er
     }
     if (!tq_has(g, "tqkv.model.n_layer", GGUF_TYPE_UINT32)) {
         tq_err(err, err_size, "the profile has no tqkv.model.n_layer");
+        goto fail;
+    }
+    if (!tq_alloc_check(g, err, err_size)) {
         goto fail;
     }
     for (int64_t i = 0; i < gguf_get_n_tensors(g); ++i) {
@@ -218,4 +260,20 @@ bool ggml_turbo_profile_k_off(const struct ggml_turbo_profile * p, int il, int64
         free(x);
     }
     return true;
+}
+
+bool ggml_turbo_profile_has_alloc(const struct ggml_turbo_profile * p) {
+    return p && gguf_find_key(p->gguf, tq_alloc_keys[0]) >= 0;
+}
+
+enum ggml_type ggml_turbo_profile_layer_type(const struct ggml_turbo_profile * p, int il, bool v) {
+    if (!ggml_turbo_profile_has_alloc(p) || il < 0) {
+        return GGML_TYPE_COUNT;
+    }
+    const int64_t id = gguf_find_key(p->gguf, tq_alloc_keys[v]);
+    if ((size_t) il >= gguf_get_arr_n(p->gguf, id)) {
+        return GGML_TYPE_COUNT;
+    }
+    const char * name = gguf_get_arr_str(p->gguf, id, il);
+    return name[0] ? tq_alloc_type(name) : GGML_TYPE_COUNT;
 }

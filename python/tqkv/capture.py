@@ -18,7 +18,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from types import TracebackType
+from types import ModuleType, TracebackType
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -112,6 +112,22 @@ def _layer_qkv(base: ctypes.CDLL, t: Tensor, layer: int) -> LayerQKV:
                     np.ascontiguousarray(ma), float(params[0]), float(params[2]))
 
 
+def bos(L: ModuleType, vocab: int) -> int | None:
+    """The token a model's tokenizer puts first, None where it adds none (L: llama_cpp)."""
+    return L.llama_vocab_bos(vocab) if L.llama_vocab_get_add_bos(vocab) else None
+
+
+def tokenize(L: ModuleType, vocab: int, text: bytes) -> list[int]:
+    """Tokens of UTF-8 text as llama.cpp's tools see it: BOS where the model adds one, special
+    tokens' text left as text (L: llama_cpp)."""
+    # with no room for the tokens, llama_tokenize returns minus their number
+    n = -L.llama_tokenize(vocab, text, len(text), None, 0, True, False)
+    buf = (L.llama_token * n)()
+    if n and L.llama_tokenize(vocab, text, len(text), buf, n, True, False) != n:
+        raise RuntimeError("llama_tokenize failed")
+    return list(buf)
+
+
 class Session:
     """One model with an f16 cache and flash attention, for runs of up to n_ctx tokens; on the CPU,
     or with n_gpu_layers layers (-1: all) on a GPU backend when the build has one.
@@ -161,8 +177,7 @@ class Session:
     @property
     def bos(self) -> int | None:
         """The token the model's tokenizer puts first, None where it adds none."""
-        L = self._L
-        return L.llama_vocab_bos(self._vocab) if L.llama_vocab_get_add_bos(self._vocab) else None
+        return bos(self._L, self._vocab)
 
     def meta(self, key: str) -> str | None:
         """A GGUF metadata value of the model as text, None where the model has no such key."""
@@ -175,15 +190,8 @@ class Session:
         return buf.value.decode()
 
     def tokenize(self, text: bytes) -> list[int]:
-        """Tokens of UTF-8 text as llama.cpp's tools see it: BOS where the model adds one, special
-        tokens' text left as text."""
-        L = self._L
-        # with no room for the tokens, llama_tokenize returns minus their number
-        n = -L.llama_tokenize(self._vocab, text, len(text), None, 0, True, False)
-        buf = (L.llama_token * n)()
-        if n and L.llama_tokenize(self._vocab, text, len(text), buf, n, True, False) != n:
-            raise RuntimeError("llama_tokenize failed")
-        return list(buf)
+        """Tokens of UTF-8 text as llama.cpp's tools see it (tokenize)."""
+        return tokenize(self._L, self._vocab, text)
 
     def run(self, tokens: Sequence[int], on_layer: Callable[[LayerQKV], None]) -> None:
         """Decode tokens as one fresh sequence (positions from 0), calling on_layer for every attention

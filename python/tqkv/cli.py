@@ -113,13 +113,28 @@ def _calibrate(a: argparse.Namespace) -> None:
 
     model = assets.model_arg(a.model)
     texts = [assets.text_arg(t) for t in a.text]
+    if a.budget and a.out and len(a.budget) > 1:
+        raise ValueError("-o names one file: give one --budget with it, or none to write one file per budget")
     start = time.perf_counter()
-    out = profile.calibrate(model, texts, a.ctx, a.chunks, a.out, a.threads, a.gpu_layers)
+    base = a.out if a.out and not a.budget else None
+    out = profile.calibrate(model, texts, a.ctx, a.chunks, base, a.threads, a.gpu_layers)
     seconds = time.perf_counter() - start
     prof = profile.read(out)
     print(f"wrote {out}")
     print(f"model {model.name}: fingerprint {prof.fingerprint}, {len(prof.layers)} KV layers")
     print(f"measured {prof.n_tokens} tokens ({a.chunks} x {a.ctx}) of {prof.text_names} in {seconds:.1f} s")
+    if not a.budget:
+        return
+
+    from . import alloc
+
+    start = time.perf_counter()
+    costs = alloc.measure(model, out, texts, a.ctx, a.cost_chunks, a.threads, a.gpu_layers)
+    print(f"layer costs: {len(costs.layers)} layers x K/V x {len(alloc.TYPES)} types, {a.cost_chunks} x {a.ctx} tokens, "
+          f"{time.perf_counter() - start:.1f} s")
+    for b in a.budget:
+        path = alloc.write(model, out, costs, b, a.out)
+        print(f"wrote {path}: {alloc.describe(profile.read(path).alloc, costs)}")
 
 
 def _model_and_text(r: argparse.ArgumentParser, text_help: str = TEXT_HELP, ctx: int | None = None) -> None:
@@ -160,7 +175,14 @@ def parser() -> argparse.ArgumentParser:
                           "(default: %(default)s)")
     cal.add_argument("--ctx", type=int, default=512, help="tokens per chunk (default: %(default)s)")
     cal.add_argument("--chunks", type=int, default=4, help="(default: %(default)s)")
-    cal.add_argument("-o", "--out", type=Path, help="the profile (default: beside the model, x.gguf -> x.tqkv.gguf)")
+    cal.add_argument("-o", "--out", type=Path, help="the profile (default: beside the model, x.gguf -> x.tqkv.gguf); with one --budget, "
+                          "the allocated profile")
+    cal.add_argument("--budget", type=float, nargs="+", metavar="BITS",
+                     help="also measure each layer's K and V cost at each type and write, per budget, a profile "
+                          "whose bit allocation averages at most BITS bits per value (x.gguf -> x.BITSbit.tqkv.gguf; "
+                          "use it with --kv-profile)")
+    cal.add_argument("--cost-chunks", type=int, default=2,
+                     help="chunks of --ctx tokens for the layer costs (default: %(default)s)")
     cal.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     cal.add_argument("--gpu-layers", type=int, default=-1,
                      help="layers on the GPU in a CUDA build (default -1: all; 0: CPU only)")

@@ -237,6 +237,9 @@ def run(model: Path, text: Path, lengths: list[int], depths: list[int], seeds: i
     """Every grid point under every configuration (f16 first); the report is out_dir/<label>.md/.json/.png.
     Outcomes are cached per point, so a rerun resumes."""
     cfgs = [Config.parse(c) for c in dict.fromkeys([BASE, *configs])]  # f16 first: the baseline
+    if any(c.budget for c in cfgs):
+        raise ValueError("tqkv niah scores uniform K/V pairs; for a bit allocation run llama-server with "
+                         "--kv-profile on its profile (tqkv calibrate MODEL --budget BITS)")
     if cuda:
         runner.require_cuda()
     if seeds < 1:

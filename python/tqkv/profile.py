@@ -8,7 +8,9 @@ then no longer depend on the traffic its first ubatch happened to carry.
 File format (the C loader reads exactly this): general.architecture "tqkv-profile", the KV
 metadata under the `KEY_*` names below, and per attention layer il with a K cache the float32
 tensors blk.{il}.k_mean and blk.{il}.k_scale of numpy shape (n_head_kv, head_dim_k), i.e. ggml ne
-[head_dim_k, n_head_kv].
+[head_dim_k, n_head_kv]. A profile may also carry a bit allocation (`tqkv calibrate --budget`,
+python/tqkv/alloc.py): the string arrays tqkv.alloc.k_types and tqkv.alloc.v_types, one cache type
+name per layer of the model ("" for a layer without a KV cache), and the budget it was made for.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -48,11 +51,24 @@ KEY_TEXT_N_CTX = "tqkv.text.n_ctx"
 KEY_TOOL_VERSION = "tqkv.tool.version"
 KEY_K_SCALE_EXPONENT = "tqkv.k_scale.exponent"
 KEY_K_SCALE_EPS = "tqkv.k_scale.eps"
+KEY_ALLOC_K = "tqkv.alloc.k_types"
+KEY_ALLOC_V = "tqkv.alloc.v_types"
+KEY_ALLOC_BUDGET = "tqkv.alloc.budget"
 
 # fingerprint: FNV-1a 64 over the size, the head and 64 evenly spaced blocks (the C side hashes the same)
 _FNV_OFFSET, _FNV_PRIME, _MASK64 = 0xCBF29CE484222325, 0x100000001B3, (1 << 64) - 1
 _HEAD_BYTES, _N_BLOCKS, _BLOCK_BYTES = 65536, 64, 4096
 _K_MEAN_NAME = re.compile(r"blk\.(\d+)\.k_mean")
+
+
+@dataclass(frozen=True)
+class Alloc:
+    """A bit allocation: the cache type of each layer's K and V ("" where a layer has no KV cache), made
+    for an average of `budget` bits per value."""
+
+    budget: float
+    k_types: tuple[str, ...]
+    v_types: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -71,6 +87,7 @@ class Profile:
     k_scale_exponent: float
     k_scale_eps: float
     layers: dict[int, tuple[np.ndarray, np.ndarray]]  # il -> (k_mean, k_scale), each (n_head_kv, head_dim)
+    alloc: Alloc | None = None
 
 
 def fingerprint(path: Path) -> str:
@@ -154,7 +171,7 @@ def calibrate(model: Path, texts: list[Path], n_ctx: int = 512, n_chunks: int = 
     out = out or default_path(model)
     if out.resolve() == model.resolve():
         raise ValueError(f"{out}: the profile would overwrite the model")
-    data = b"".join(_read_text(p) for p in texts)
+    data = b"".join(read_text(p) for p in texts)
 
     sums: dict[int, _Sums] = {}
 
@@ -167,7 +184,7 @@ def calibrate(model: Path, texts: list[Path], n_ctx: int = 512, n_chunks: int = 
         if arch is None or block_count is None:
             raise ValueError(f"{model}: no general.architecture or <arch>.block_count in its metadata")
         name = s.meta("general.name") or ""
-        tokens = _tokenize_prefix(s, data, n_ctx * n_chunks)
+        tokens = tokenize_prefix(s.tokenize, data, n_ctx * n_chunks)
         if len(tokens) < n_ctx * n_chunks:
             raise ValueError(f"the texts have {len(tokens)} tokens, fewer than {n_chunks} chunks of {n_ctx}")
         for i in tqdm(range(n_chunks), desc="tqkv calibrate", unit="chunk"):
@@ -216,6 +233,10 @@ def write(profile: Profile, path: Path) -> None:
     w.add_string(KEY_TOOL_VERSION, profile.tool_version)
     w.add_float32(KEY_K_SCALE_EXPONENT, profile.k_scale_exponent)
     w.add_float32(KEY_K_SCALE_EPS, profile.k_scale_eps)
+    if profile.alloc:
+        w.add_float32(KEY_ALLOC_BUDGET, profile.alloc.budget)
+        w.add_array(KEY_ALLOC_K, list(profile.alloc.k_types))
+        w.add_array(KEY_ALLOC_V, list(profile.alloc.v_types))
     for il, (k_mean, k_scale) in sorted(profile.layers.items()):
         w.add_tensor(f"blk.{il}.k_mean", np.ascontiguousarray(k_mean, np.float32))
         w.add_tensor(f"blk.{il}.k_scale", np.ascontiguousarray(k_scale, np.float32))
@@ -241,7 +262,7 @@ def read(path: Path) -> Profile:
     if arch != ARCH:
         raise ValueError(f"{path}: not a tqkv profile (general.architecture is {arch!r}, not {ARCH!r})")
 
-    def get(key: str) -> str | int | float:
+    def get(key: str) -> str | int | float | list[str]:
         if key not in r.fields:
             raise ValueError(f"{path}: a tqkv profile without {key}")
         return r.fields[key].contents()
@@ -257,6 +278,9 @@ def read(path: Path) -> Profile:
             if scale not in tensors:
                 raise ValueError(f"{path}: {name} without {scale}")
             layers[int(m.group(1))] = (tensors[name], tensors[scale])
+    alloc = None
+    if KEY_ALLOC_K in r.fields:
+        alloc = Alloc(float(get(KEY_ALLOC_BUDGET)), tuple(get(KEY_ALLOC_K)), tuple(get(KEY_ALLOC_V)))
     return Profile(
         version=version, fingerprint=get(KEY_FINGERPRINT), architecture=get(KEY_ARCHITECTURE),
         model_name=r.fields[KEY_NAME].contents() if KEY_NAME in r.fields else "",  # gguf writes no empty string
@@ -264,22 +288,22 @@ def read(path: Path) -> Profile:
         text_names=get(KEY_TEXT_NAMES), text_sha256=get(KEY_TEXT_SHA256), n_tokens=int(get(KEY_TEXT_N_TOKENS)),
         n_ctx=int(get(KEY_TEXT_N_CTX)), tool_version=get(KEY_TOOL_VERSION),
         k_scale_exponent=float(get(KEY_K_SCALE_EXPONENT)), k_scale_eps=float(get(KEY_K_SCALE_EPS)),
-        layers=dict(sorted(layers.items())))
+        layers=dict(sorted(layers.items())), alloc=alloc)
 
 
-def _tokenize_prefix(s: capture.Session, data: bytes, n: int) -> list[int]:
+def tokenize_prefix(tokenize: Callable[[bytes], list[int]], data: bytes, n: int) -> list[int]:
     """The tokens of the shortest prefix of data (cut at a line end) that holds n of them, or of all
     of it: tokenizing a whole long text costs more than the run itself with some vocabularies."""
     size = 8 * n
     while True:
         cut = len(data) if size >= len(data) else data.rfind(b"\n", 0, size) + 1 or size
-        tokens = s.tokenize(data[:cut])
+        tokens = tokenize(data[:cut])
         if len(tokens) >= n or cut == len(data):
             return tokens
         size *= 2
 
 
-def _read_text(path: Path) -> bytes:
+def read_text(path: Path) -> bytes:
     data = path.read_bytes()
     try:
         data.decode("utf-8")

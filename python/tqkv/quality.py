@@ -22,7 +22,7 @@ from pathlib import Path
 import gguf
 from tqdm import tqdm
 
-from . import assets, build, plot, profile, runner
+from . import alloc, assets, build, plot, profile, runner
 from .types import TQ2_0, TQ3_0, TQ4_0, cache_type
 
 TQ_IDS = (TQ2_0, TQ3_0, TQ4_0)
@@ -57,6 +57,14 @@ class Config:
 
     @classmethod
     def parse(cls, s: str) -> "Config":
+        if s.startswith("alloc:"):
+            try:
+                budget = float(s.removeprefix("alloc:"))
+            except ValueError:
+                raise ValueError(f"bad configuration {s!r}: expected alloc:BITS, e.g. alloc:2.75") from None
+            # a bit allocation (alloc.py): every layer's types come from the profile, which any
+            # TurboQuant K and V types switch on
+            return cls("tq3_0", "tq2_0", f"a{budget:g}")
         kv, _, flag = s.partition(":")
         k, sep, v = kv.partition("/")
         if not sep or (flag and flag not in FLAGS and not BOUNDARY.fullmatch(flag)):
@@ -67,7 +75,14 @@ class Config:
 
     @property
     def name(self) -> str:
+        if self.budget:
+            return f"alloc:{self.budget:g}"
         return f"{self.k}/{self.v}" + (f":{self.flag}" if self.flag else "")
+
+    @property
+    def budget(self) -> float | None:
+        """The bits per value of a bit-allocated configuration (alloc:BITS), None for a uniform one."""
+        return float(self.flag[1:]) if self.flag.startswith("a") else None
 
     @property
     def boundary(self) -> int:
@@ -82,7 +97,10 @@ class Config:
         return FLAGS.get(self.flag, {})
 
     def bits(self, n_layer: int) -> float:
-        """Bits per value, K and V averaged over the model's n_layer layers (all of them hold a cache)."""
+        """Bits per value, K and V averaged over the model's n_layer layers (all of them hold a cache);
+        an allocated configuration's come from its profile (alloc.profile_bits)."""
+        if self.budget:
+            raise ValueError(f"{self.name}: the bits of an allocation are the profile's")
         n_q8 = min(2 * self.boundary, n_layer)
 
         def per_value(name: str) -> float:
@@ -149,7 +167,8 @@ def score(model: Path, base: Path, cfg: Config, cache: Path, ctx: int, kv_profil
         if not m:
             raise RuntimeError(f"no {field} in llama-perplexity output for {cfg.name}:\n{log[-3000:]}")
         vals[field] = float(m.group(1))
-    s = Score(cfg.name, cfg.bits(layer_count(model)), **vals)
+    bits = alloc.profile_bits(kv_profile) if cfg.budget else cfg.bits(layer_count(model))
+    s = Score(cfg.name, bits, **vals)
     out.write_text(json.dumps(asdict(s)))
     return s
 
@@ -178,7 +197,7 @@ def run(model: Path, text: Path, ctx: int, chunks: int, configs: list[str], out_
         bar.update()
         for c in cfgs:
             bar.set_postfix_str(c.name)
-            scores.append(score(model, base, c, cache, ctx, prof))
+            scores.append(score(model, base, c, cache, ctx, alloc.ensure(model, c.budget) if c.budget else prof))
             bar.update()
     stem = f"{label or f'{model.stem}-{text.stem}'}-c{ctx}"
     write_report(merge(load_report(out_dir, stem), scores), out_dir, stem)
@@ -221,6 +240,28 @@ def table(scores: list[Score]) -> str:
     return "\n".join(lines)
 
 
+# the plot's series: marker, colour, legend, whether the points are joined (a frontier)
+_KINDS = {
+    "alloc": ("D", "C3", "TurboQuant, bit allocation (alloc:BITS)", True),
+    "tq": ("o", "C1", "TurboQuant, uniform", False),
+    "boundary": ("^", "C2", "TurboQuant, boundary layers q8_0", False),
+    "peer": ("v", "C4", "another build's types, against its own f16", False),
+    "upstream": ("s", "C0", "upstream llama.cpp types", False),
+}
+
+
+def _kind(config: str) -> str:
+    """A report row's series, by its name: alloc:BITS, PEER:K/V (another build's rows), K/V[:flag]."""
+    if config.startswith("alloc:"):
+        return "alloc"
+    head, _, flag = config.partition(":")
+    if "/" not in head:
+        return "peer"
+    if BOUNDARY.fullmatch(flag):
+        return "boundary"
+    return "tq" if "tq" in head else "upstream"
+
+
 def write_report(scores: list[Score], out_dir: Path, stem: str) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{stem}.md").write_text(table(scores) + "\n")
@@ -229,16 +270,20 @@ def write_report(scores: list[Score], out_dir: Path, stem: str) -> None:
     if plt is None:
         return
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for s in scores:
-        boundary, tq = Config.parse(s.config).boundary, "tq" in s.config  # triangles: boundary layers in q8_0
-        marker, color = ("^", "C2") if boundary else ("o", "C1") if tq else ("s", "C0")
-        ax.scatter(s.bits, s.kld_mean, marker=marker, color=color)
-        ax.annotate(s.config, (s.bits, s.kld_mean), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    kinds = {kind: sorted((x for x in scores if _kind(x.config) == kind), key=lambda x: x.bits) for kind in _KINDS}
+    for kind, rows in kinds.items():
+        if not rows:
+            continue
+        marker, color, label, joined = _KINDS[kind]
+        ax.plot([x.bits for x in rows], [x.kld_mean for x in rows], marker=marker, color=color, label=label,
+                ls="-" if joined else "none", lw=1)
+        for x in rows:
+            ax.annotate(x.config, (x.bits, x.kld_mean), fontsize=7, xytext=(3, 3), textcoords="offset points")
     line = rd_line(scores)
     if line:
         bits = [min(s.bits for s in scores), max(s.bits for s in scores)]
         ax.plot(bits, [line(b) for b in bits], "--", color="gray", lw=1, label=" - ".join(LINE) + " line")
-        ax.legend(fontsize=7)
+    ax.legend(fontsize=7)
     ax.set_yscale("log")
     ax.set_xlabel("bits per value (K and V averaged)")
     ax.set_ylabel("mean KLD vs f16")
