@@ -122,7 +122,11 @@ class _Runner:
         import llama_cpp as L
         from llama_cpp import _logger
 
-        _logger.set_verbose(False)
+        # one context per run: the library's per-context lines (the calibration in force) would drown the
+        # progress bar; _logger's own callback comes back in close()
+        self._quiet = L.llama_log_callback(lambda level, text, user: None)
+        L.llama_log_set(self._quiet, ctypes.c_void_p(0))
+        self._logger = _logger
         self._L, self.n_ctx = L, n_ctx
         self.n_threads = n_threads or os.cpu_count() or 1
         L.llama_backend_init()
@@ -130,6 +134,7 @@ class _Runner:
         mparams.n_gpu_layers = n_gpu_layers
         self._model = L.llama_model_load_from_file(str(model).encode(), mparams)
         if not self._model:
+            self.close()
             raise RuntimeError(f"could not load {model}")
         self._vocab = L.llama_model_get_vocab(self._model)
         self.n_vocab = L.llama_vocab_n_tokens(self._vocab)
@@ -176,6 +181,7 @@ class _Runner:
         if self._model:
             self._L.llama_model_free(self._model)
             self._model = None
+        self._L.llama_log_set(self._logger.llama_log_callback, ctypes.c_void_p(0))
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:

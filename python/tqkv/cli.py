@@ -15,7 +15,7 @@ from . import assets
 
 MODEL_HELP = f"a .gguf file, or a built-in model: {', '.join(assets.MODELS)} (default: %(default)s)"
 TEXT_HELP = f"a UTF-8 text file, or a built-in text: {', '.join(assets.TEXTS)} (default: %(default)s)"
-CONFIG_METAVAR = "K/V[:norot|:nooff|:noscale|:noprof|:bN]"
+CONFIG_METAVAR = "K/V[:norot|:nooff|:noscale|:noprof|:bN]|alloc:BITS"
 
 # the optional extra that provides a module a subcommand imported
 EXTRAS = {"torch": "reference", "scipy": "reference", "triton": "gpu", "matplotlib": "eval"}
@@ -52,7 +52,10 @@ def _codebooks(a: argparse.Namespace) -> None:
 def _demo(a: argparse.Namespace) -> None:
     from . import demo, quality
 
-    configs = tuple((c.k, c.v) for c in map(quality.Config.parse, a.configs))
+    parsed = [quality.Config.parse(c) for c in a.configs]
+    if any(c.budget or c.flag for c in parsed):
+        raise ValueError("tqkv demo compares plain K/V pairs; score flags and allocations with tqkv ppl")
+    configs = tuple((c.k, c.v) for c in parsed)
     rows = demo.run(assets.model_arg(a.model), assets.text_arg(a.text), a.ctx, a.chunks, configs)
     print(demo.table(rows, a.ctx))
 
