@@ -3,7 +3,7 @@
 profiles (alloc:BITS), the uniform TurboQuant pairs, upstream's types and, with --peer-bin, another
 llama.cpp build's cache types scored against that build's own f16 logits; one report and one plot.
 
-    python scripts/frontier.py gemma3 --text alice29 --ctx 2048 --chunks 8 \
+    python scripts/frontier.py gemma3 --text alice29 --ctx 2048 --chunks 4 \
         --peer-bin /tmp/thetom-b/bin --peer-name fork --out results/quality
 
 A peer's bits per value are what its cache really stores: the KV size its llama-perplexity reports
@@ -22,10 +22,10 @@ from pathlib import Path
 
 from tqkv import assets, profile, quality, runner
 
-BUDGETS = ["2.5", "2.75", "3", "3.25", "3.5"]
-OURS = ["tq2_0/tq2_0", "tq3_0/tq2_0", "tq3_0/tq3_0", "tq4_0/tq3_0", "tq4_0/tq4_0"]
-UPSTREAM = ["q8_0/q8_0", "q5_0/q5_0", "q4_1/q4_1", "q4_0/q4_0"]
-PEER = ["turbo2/turbo2", "turbo3/turbo2", "turbo3/turbo3", "turbo4/turbo4"]
+BUDGETS = ["2.5", "2.75", "3.25"]
+OURS = ["tq2_0/tq2_0", "tq3_0/tq2_0", "tq3_0/tq3_0", "tq4_0/tq4_0"]
+UPSTREAM = ["q8_0/q8_0", "q4_0/q4_0"]
+PEER = ["turbo3/turbo2", "turbo3/turbo3", "turbo4/turbo4"]
 
 
 def _run(binary: Path, args: list[str]) -> str:
@@ -70,7 +70,7 @@ def main() -> None:
     ap.add_argument("model", help="a .gguf file or a built-in model")
     ap.add_argument("--text", default="alice29")
     ap.add_argument("--ctx", type=int, default=2048)
-    ap.add_argument("--chunks", type=int, default=8)
+    ap.add_argument("--chunks", type=int, default=4)
     ap.add_argument("--budgets", nargs="*", default=BUDGETS)
     ap.add_argument("--peer-bin", type=Path, help="another llama.cpp build's bin folder")
     ap.add_argument("--peer-name", default="fork")
