@@ -29,7 +29,7 @@ SDIST_ROOT = "llama_cpp_python-0.3.36"
 TARGETS = (
     "llama", "ggml", "mtmd",
     "llama-server", "llama-cli", "llama-bench", "llama-perplexity", "llama-quantize",
-    "test-backend-ops", "test-quantize-fns",
+    "test-backend-ops", "test-quantize-fns", "ggml-rpc-server",
 )
 
 # These CPUs advertise AMX but fault in it, so no -march=native: pin AVX2/FMA/F16C instead.
@@ -158,6 +158,8 @@ def cmake_build(layout: Layout, cuda: bool, jobs: int, cuda_archs: str | None) -
         "-DLLAMA_BUILD_TESTS=ON", "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_SERVER=ON",
         "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF",
         "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_BUILD_MTMD=ON",
+        # the RPC backend (libggml-rpc, rpc-server, --rpc): layers split over processes or machines
+        "-DGGML_RPC=ON",
         # libraries and tools share build/<kind>/bin; $ORIGIN lets them (and the copies inside the
         # Python package) find each other without LD_LIBRARY_PATH
         "-DCMAKE_BUILD_WITH_INSTALL_RPATH=ON", "-DCMAKE_INSTALL_RPATH=$ORIGIN",

@@ -82,6 +82,54 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class RpcServer:
+    """ggml-rpc-server (llama.cpp's RPC backend: one remote device for `--rpc host:port`) on a free
+    loopback port; a context manager that stops it and keeps its log. GGML_RPC_DEBUG=1 in env logs
+    every command it serves."""
+
+    def __init__(self, threads: int = 1, env: dict[str, str] | None = None, startup_s: float = 60.0):
+        self.port = free_port()
+        self.endpoint = f"127.0.0.1:{self.port}"
+        self.cmd = [str(tool("ggml-rpc-server")), "-H", "127.0.0.1", "-p", str(self.port), "-t", str(threads)]
+        self.env = {**os.environ, **(env or {})}
+        self.startup_s = startup_s
+        self.log = ""
+
+    def __enter__(self) -> "RpcServer":
+        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     env=self.env)
+        self._lines: list[str] = []
+        self._reader = threading.Thread(target=self._lines.extend, args=(self.proc.stdout,), daemon=True)
+        self._reader.start()
+        deadline = time.monotonic() + self.startup_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                self._reader.join()
+                raise RuntimeError(f"ggml-rpc-server exited with {self.proc.returncode}:\n{''.join(self._lines)[-3000:]}")
+            # (its banner is block-buffered into the pipe: a connection tells when it listens)
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return self
+            except OSError:
+                time.sleep(0.1)
+        self.__exit__()
+        raise TimeoutError(f"ggml-rpc-server not listening after {self.startup_s} s")
+
+    def __exit__(self, *exc: object) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._reader.join()
+        self.log = "".join(self._lines)
+
+    def output(self) -> str:
+        """What it has logged so far (its stderr, unbuffered, comes as it is written)."""
+        return "".join(self._lines)
+
+
 class Server:
     """llama-server on a free local port; a context manager that stops it and keeps its log."""
 
