@@ -82,20 +82,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class RpcServer:
-    """ggml-rpc-server (llama.cpp's RPC backend: one remote device for `--rpc host:port`) on a free
-    loopback port; a context manager that stops it and keeps its log. GGML_RPC_DEBUG=1 in env logs
-    every command it serves."""
+class _Process:
+    """A tool on a free loopback port, its output drained into `log` as it comes (over many requests a
+    log outgrows the pipe and the tool would block on it); a context manager that starts it, waits
+    until `_ready` says it serves, stops it and keeps its log."""
 
-    def __init__(self, threads: int = 1, env: dict[str, str] | None = None, startup_s: float = 60.0):
-        self.port = free_port()
-        self.endpoint = f"127.0.0.1:{self.port}"
-        self.cmd = [str(tool("ggml-rpc-server")), "-H", "127.0.0.1", "-p", str(self.port), "-t", str(threads)]
+    name = ""
+    not_ready = "not serving"  # what the timeout says
+
+    def __init__(self, cmd: list[str], port: int, env: dict[str, str] | None, startup_s: float):
+        self.cmd, self.port, self.startup_s = cmd, port, startup_s
         self.env = {**os.environ, **(env or {})}
-        self.startup_s = startup_s
         self.log = ""
 
-    def __enter__(self) -> "RpcServer":
+    def _ready(self) -> bool:
+        raise NotImplementedError
+
+    def __enter__(self):
         self.proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      env=self.env)
         self._lines: list[str] = []
@@ -105,15 +108,13 @@ class RpcServer:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 self._reader.join()
-                raise RuntimeError(f"ggml-rpc-server exited with {self.proc.returncode}:\n{''.join(self._lines)[-3000:]}")
-            # (its banner is block-buffered into the pipe: a connection tells when it listens)
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                self.log = "".join(self._lines)
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log[-3000:]}")
+            if self._ready():
                 return self
-            except OSError:
-                time.sleep(0.1)
+            time.sleep(0.1)
         self.__exit__()
-        raise TimeoutError(f"ggml-rpc-server not listening after {self.startup_s} s")
+        raise TimeoutError(f"{self.name} {self.not_ready} after {self.startup_s} s:\n{self.log[-3000:]}")
 
     def __exit__(self, *exc: object) -> None:
         self.proc.terminate()
@@ -126,56 +127,52 @@ class RpcServer:
         self.log = "".join(self._lines)
 
     def output(self) -> str:
-        """What it has logged so far (its stderr, unbuffered, comes as it is written)."""
+        """What it has logged so far."""
         return "".join(self._lines)
 
 
-class Server:
-    """llama-server on a free local port; a context manager that stops it and keeps its log."""
+class RpcServer(_Process):
+    """ggml-rpc-server (llama.cpp's RPC backend: one remote device for `--rpc host:port`) on a free
+    loopback port. GGML_RPC_DEBUG=1 in env logs every command it serves."""
+
+    name = "ggml-rpc-server"
+    not_ready = "not listening"
+
+    def __init__(self, threads: int = 1, env: dict[str, str] | None = None, startup_s: float = 60.0):
+        port = free_port()
+        self.endpoint = f"127.0.0.1:{port}"
+        super().__init__([str(tool("ggml-rpc-server")), "-H", "127.0.0.1", "-p", str(port), "-t", str(threads)],
+                         port, env, startup_s)
+
+    def _ready(self) -> bool:
+        # its banner is block-buffered into the pipe: a connection tells when it listens
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+            return True
+        except OSError:
+            return False
+
+
+class Server(_Process):
+    """llama-server on a free local port."""
+
+    name = "llama-server"
+    not_ready = "not healthy"
 
     def __init__(self, model: Path, args: list[str], ctx: int = 2048, startup_s: float = 120.0,
                  env: dict[str, str] | None = None, cuda: bool = False):
         if cuda:
             require_cuda()
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.cmd = [str(tool("llama-server", cuda)), "-m", str(model), "--host", "127.0.0.1",
-                    "--port", str(self.port), "-c", str(ctx), *args]
-        self.startup_s = startup_s
-        self.env = {**os.environ, **(env or {})}
-        self.log = ""
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        super().__init__([str(tool("llama-server", cuda)), "-m", str(model), "--host", "127.0.0.1",
+                          "--port", str(port), "-c", str(ctx), *args], port, env, startup_s)
 
-    def __enter__(self) -> "Server":
-        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     env=self.env)
-        # drained as it comes: over many requests the log outgrows the pipe, and the server would block on it
-        self._lines: list[str] = []
-        self._reader = threading.Thread(target=self._lines.extend, args=(self.proc.stdout,), daemon=True)
-        self._reader.start()
-        deadline = time.monotonic() + self.startup_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                self._reader.join()
-                self.log = "".join(self._lines)
-                raise RuntimeError(f"llama-server exited with {self.proc.returncode}:\n{self.log[-3000:]}")
-            try:
-                if requests.get(self.url + "/health", timeout=1).status_code == 200:
-                    return self
-            except requests.ConnectionError:
-                pass
-            time.sleep(0.25)
-        self.__exit__()
-        raise TimeoutError(f"llama-server not healthy after {self.startup_s} s:\n{self.log[-3000:]}")
-
-    def __exit__(self, *exc: object) -> None:
-        self.proc.terminate()
+    def _ready(self) -> bool:
         try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self._reader.join()
-        self.log = "".join(self._lines)
+            return requests.get(self.url + "/health", timeout=1).status_code == 200
+        except requests.ConnectionError:
+            return False
 
     def chat(self, prompt: str, max_tokens: int = 48) -> str:
         r = requests.post(self.url + "/v1/chat/completions", timeout=300, json={
