@@ -104,9 +104,14 @@ def allocate(costs: Costs, budget: float) -> profile.Alloc:
     return profile.Alloc(budget, tuple(k_types), tuple(v_types))
 
 
+def _avg_bits(alloc: profile.Alloc, widths: dict[int, int]) -> float:
+    """Average bits per value of an allocation, each layer weighted by its values per token."""
+    total = sum(w * (bits(alloc.k_types[il]) + bits(alloc.v_types[il])) for il, w in widths.items())
+    return total / (2 * sum(widths.values()))
+
+
 def avg_bits(alloc: profile.Alloc, costs: Costs) -> float:
-    total = sum(w * (bits(alloc.k_types[il]) + bits(alloc.v_types[il])) for il, w in zip(costs.layers, costs.widths))
-    return total / (2 * sum(costs.widths))
+    return _avg_bits(alloc, dict(zip(costs.layers, costs.widths)))
 
 
 def predicted(alloc: profile.Alloc, costs: Costs) -> float:
@@ -300,10 +305,7 @@ def profile_bits(path: Path) -> float:
     prof = profile.read(path)
     if not prof.alloc:
         raise ValueError(f"{path}: a profile without a bit allocation")
-    w = {il: int(k_mean.size) for il, (k_mean, _) in prof.layers.items()}
-    total = sum(n * (bits(prof.alloc.k_types[il]) + bits(prof.alloc.v_types[il])) for il, n in w.items())
-    return total / (2 * sum(w.values()))
-
+    return _avg_bits(prof.alloc, {il: int(k_mean.size) for il, (k_mean, _) in prof.layers.items()})
 
 def ensure(model: Path, budget: float) -> Path:
     """The model's allocated profile for budget (alloc_path), made with the default calibration text
