@@ -40,10 +40,11 @@ Q4_0_BYTES = 18 / 32  # bytes per weight
 
 
 def write_model(path: Path) -> None:
-    """The Llama-3.1-8B shape with random Q4_0 weights (tqkv.synth)."""
+    """The Llama-3.1-8B shape with random Q4_0 weights (tqkv.synth), attention spread as in a real
+    model: a kernel that skips value rows of negligible weight must not gain from one-hot softmax."""
     from tqkv import synth
 
-    synth.write_llama(path, N_LAYER, N_EMBD, N_HEAD, N_HEAD_KV, HEAD_DIM, N_FF, N_VOCAB, q4_0=True)
+    synth.write_llama(path, N_LAYER, N_EMBD, N_HEAD, N_HEAD_KV, HEAD_DIM, N_FF, N_VOCAB, q4_0=True, qk_scale=0.004)
 
 
 def copy_bandwidth() -> float:
@@ -190,7 +191,7 @@ def main() -> None:
     from tqkv import build
 
     a.bin = a.bin or build.bin_dir(cuda=True)
-    a.model = a.model or build.Layout().root / "llama8b-q4_0-random.gguf"
+    a.model = a.model or build.Layout().root / "llama8b-q4_0-random-spread.gguf"
     cache = a.out / "runs"
     cache.mkdir(parents=True, exist_ok=True)
     cached = [cache / f"{k}-{v}.json" for k, v in configs]

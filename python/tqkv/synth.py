@@ -11,8 +11,12 @@ import numpy as np
 
 def write_llama(path: Path, n_layer: int = 2, n_embd: int = 256, n_head: int = 4, n_head_kv: int = 2,
                 head_dim: int | None = None, n_ff: int = 512, n_vocab: int = 512, seed: int = 0,
-                q4_0: bool = False) -> Path:
-    """q4_0: random Q4_0 blocks (scale 0.02, random nibbles) instead of f32, for 8B-sized speed runs."""
+                q4_0: bool = False, qk_scale: float = 0.02) -> Path:
+    """q4_0: random Q4_0 blocks (scale 0.02, random nibbles) instead of f32, for 8B-sized speed runs.
+    qk_scale: the Q4_0 scale of the query and key projections. At 0.02 an 8B shape's attention scores
+    have a standard deviation near 35, so softmax is one-hot; a kernel that skips value rows of
+    negligible weight then reads almost none of V and runs faster than on a real model. 0.004 gives
+    scores of standard deviation near 1.4: attention spread over many positions, as in real models."""
     head_dim = head_dim or n_embd // n_head
     rng = np.random.default_rng(seed)
     w = gguf.GGUFWriter(str(path), "llama")
@@ -37,12 +41,10 @@ def write_llama(path: Path, n_layer: int = 2, n_embd: int = 256, n_head: int = 4
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
 
-    q4_scale = np.full(1, 0.02, dtype=np.float16).view(np.uint8)
-
-    def mat(name: str, rows: int, cols: int) -> None:
+    def mat(name: str, rows: int, cols: int, scale: float = 0.02) -> None:
         if q4_0:
             blocks = rng.integers(0, 256, size=(rows, cols // 32, 18), dtype=np.uint8)
-            blocks[:, :, 0:2] = q4_scale
+            blocks[:, :, 0:2] = np.full(1, scale, dtype=np.float16).view(np.uint8)
             w.add_tensor(name, blocks.reshape(rows, -1), raw_dtype=gguf.GGMLQuantizationType.Q4_0)
         else:
             w.add_tensor(name, (rng.standard_normal((rows, cols)) / np.sqrt(cols)).astype(np.float32))
@@ -56,8 +58,8 @@ def write_llama(path: Path, n_layer: int = 2, n_embd: int = 256, n_head: int = 4
     for i in range(n_layer):
         p = f"blk.{i}."
         ones(p + "attn_norm.weight", n_embd)
-        mat(p + "attn_q.weight", n_head * head_dim, n_embd)
-        mat(p + "attn_k.weight", n_head_kv * head_dim, n_embd)
+        mat(p + "attn_q.weight", n_head * head_dim, n_embd, qk_scale)
+        mat(p + "attn_k.weight", n_head_kv * head_dim, n_embd, qk_scale)
         mat(p + "attn_v.weight", n_head_kv * head_dim, n_embd)
         mat(p + "attn_output.weight", n_embd, n_head * head_dim)
         ones(p + "ffn_norm.weight", n_embd)
