@@ -5,7 +5,7 @@ A benchmark, not a test; run it alone (ggml's worker threads spin while they wai
 processes at once each run many times slower). Two models: SmolLM2-135M (head 64) and a slice of
 the Llama-3.1-8B shape (head 128, GQA 4; random Q4_0 weights, --layers of its 32 layers: every
 layer has the full model's shapes, so the attention-to-weights ratio per layer is the 8B one, and a
-4k-deep prefill fits a short run). Writes a markdown table with each type's speed against q4_0's
+4k-deep prompt fits a short run). Writes a markdown table with each type's speed against q4_0's
 and f16's to --out; results are kept per run, so an interrupted run resumes.
 
     python scripts/cpu_bench.py --out results/cpu-bench.md
@@ -70,8 +70,8 @@ def main() -> None:
     ap.add_argument("--bin", type=Path, help="the CPU build's tools (default: tqkv bin)")
     ap.add_argument("--out", type=Path, default=Path("results/cpu-bench.md"))
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
-    ap.add_argument("--layers", type=int, default=4, help="layers of the 8B shape (default: %(default)s)")
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--layers", type=int, default=2, help="layers of the 8B shape (default: %(default)s)")
+    ap.add_argument("--reps", type=int, default=2)
     a = ap.parse_args()
     from tqkv import assets, build, synth
 

@@ -12,6 +12,8 @@
 #include "ggml-tq/tq-cpu.h"
 
 #include <assert.h>
+#include <math.h>
+#include <string.h>
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -137,4 +139,299 @@ void ggml_compute_forward_turbo_k_rot(const struct ggml_compute_params * params,
             }
         }
     }
+}
+
+// --- flash attention with TurboQuant K and V ---
+//
+// Upstream's CPU path runs each query row through the whole cache on its own, decoding every K and
+// V row it reads (K inside vec_dot, V through to_float) once per query row. Here the query rows that
+// read one KV head (its query heads, and for a prompt a tile of positions) go through the cache
+// together: each K and V row is decoded once per tile into floats, then each row takes a plain dot
+// and a multiply-add. Per row the arithmetic is upstream's (online softmax in position order, the
+// same scale, softcap, mask, ALiBi slope and sinks), so the two paths agree to rounding. A decode
+// step (one position) also splits the KV range over the threads and combines the partial results
+// as upstream's f16 path does.
+
+#define TQ_FA_ROWS 64 // query rows per tile: GGML_FA_TILE_Q, which the work buffer is sized for
+
+static inline int tq_fa_bits(enum ggml_type t) {
+    return t == GGML_TYPE_TURBO2_0 ? 2 : t == GGML_TYPE_TURBO3_0 ? 3 : t == GGML_TYPE_TURBO4_0 ? 4 : 0;
+}
+
+// n values of a row of blocks -> floats (d * centroid, as dequantize_row_turbo*_0)
+static void tq_decode_row(const uint8_t * GGML_RESTRICT x, float * GGML_RESTRICT y, int64_t n, int bits) {
+    const float * centroids = bits == 2 ? tq_centroids_2 : bits == 3 ? tq_centroids_3 : tq_centroids_4;
+    const size_t block_size = sizeof(ggml_half) + QK_TQ*bits/8;
+#if defined(TQ_AVX2)
+    const __m256i shifts = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(bits));
+    const __m256i mask   = _mm256_set1_epi32((1 << bits) - 1);
+    const __m256 tlo = bits == 2 ? _mm256_castps128_ps256(_mm_loadu_ps(centroids)) : _mm256_loadu_ps(centroids);
+    const __m256 thi = bits == 4 ? _mm256_loadu_ps(centroids + 8) : tlo;
+#endif
+    for (int64_t ib = 0; ib < n/QK_TQ; ++ib) {
+        const uint8_t * b = x + ib*block_size;
+        ggml_half dh;
+        memcpy(&dh, b, sizeof(dh));
+        const float d = GGML_CPU_FP16_TO_FP32(dh);
+        const uint8_t * qs = b + sizeof(ggml_half);
+        float * yb = y + ib*QK_TQ;
+#if defined(TQ_AVX2)
+        const __m256 vd = _mm256_set1_ps(d);
+        for (int g = 0; g < QK_TQ/8; ++g) {
+            const __m256i w   = _mm256_set1_epi32((int) tq_load_group(qs + bits*g, bits));
+            const __m256i idx = _mm256_and_si256(_mm256_srlv_epi32(w, shifts), mask);
+            __m256 c = _mm256_permutevar8x32_ps(tlo, idx);
+            if (bits == 4) {
+                const __m256 sel = _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28));
+                c = _mm256_blendv_ps(c, _mm256_permutevar8x32_ps(thi, idx), sel);
+            }
+            _mm256_storeu_ps(yb + 8*g, _mm256_mul_ps(vd, c));
+        }
+#else
+        const uint32_t m = (1u << bits) - 1;
+        for (int g = 0; g < QK_TQ/8; ++g) {
+            const uint32_t w = tq_load_group(qs + bits*g, bits);
+            for (int l = 0; l < 8; ++l) {
+                yb[8*g + l] = d*centroids[(w >> (bits*l)) & m];
+            }
+        }
+#endif
+    }
+}
+
+static inline float tq_dot_f32(const float * GGML_RESTRICT a, const float * GGML_RESTRICT b, int64_t n) {
+#if defined(TQ_AVX2)
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    for (int64_t i = 0; i < n; i += 16) {
+        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i),     _mm256_loadu_ps(b + i),     acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+    }
+    const __m256 acc = _mm256_add_ps(acc0, acc1);
+    __m128 r = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+    r = _mm_add_ss(r, _mm_movehdup_ps(r));
+    return _mm_cvtss_f32(r);
+#else
+    float s = 0.0f;
+    for (int64_t i = 0; i < n; ++i) {
+        s += a[i]*b[i];
+    }
+    return s;
+#endif
+}
+
+// y = y*ms + v*vs
+static inline void tq_scale_mad(float * GGML_RESTRICT y, const float * GGML_RESTRICT v, int64_t n, float ms, float vs) {
+#if defined(TQ_AVX2)
+    const __m256 vms = _mm256_set1_ps(ms), vvs = _mm256_set1_ps(vs);
+    for (int64_t i = 0; i < n; i += 8) {
+        const __m256 yi = ms == 1.0f ? _mm256_loadu_ps(y + i) : _mm256_mul_ps(_mm256_loadu_ps(y + i), vms);
+        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(_mm256_loadu_ps(v + i), vvs, yi));
+    }
+#else
+    for (int64_t i = 0; i < n; ++i) {
+        y[i] = (ms == 1.0f ? y[i] : y[i]*ms) + v[i]*vs;
+    }
+#endif
+}
+
+struct tq_fa {
+    const struct ggml_tensor * q, * k, * v, * mask, * sinks, * dst;
+    int64_t DK, DV, rk2, rk3, n_kv;
+    int bits_k, bits_v;
+    float scale, softcap, max_bias, m0, m1;
+    uint32_t n_head_log2;
+};
+
+// rows [iq1 0..nt) x the rk2 query heads of KV head ik2, over KV positions [c0, c1). partials:
+// NULL writes dst; else each row's M, S and accumulator go to partials + row*stride
+static void tq_fa_tile(const struct tq_fa * a, int64_t iq3, int64_t ik2, int64_t t0, int64_t nt,
+                       int64_t c0, int64_t c1, float * scratch, float * partials, int64_t stride) {
+    const int64_t R = nt*a->rk2, DK = a->DK, DV = a->DV;
+    float * acc = scratch;            // [R][DV]
+    float * M   = acc + R*DV;         // [R]
+    float * S   = M + R;              // [R]
+    float * sl  = S + R;              // [R] ALiBi slope
+    float * sc  = sl + R;             // [R] this position's score (-INFINITY: masked)
+    float * K32 = sc + R;             // [DK]
+    float * V32 = K32 + DK;           // [DV]
+    const float       * qr[TQ_FA_ROWS];
+    const ggml_fp16_t * mr[TQ_FA_ROWS];
+
+    const int64_t ik3 = iq3/a->rk3;
+    for (int64_t r = 0; r < R; ++r) {
+        const int64_t iq1 = t0 + r/a->rk2, iq2 = ik2*a->rk2 + r % a->rk2;
+        qr[r] = (const float *) ((const char *) a->q->data + iq1*a->q->nb[1] + iq2*a->q->nb[2] + iq3*a->q->nb[3]);
+        mr[r] = a->mask ? (const ggml_fp16_t *) ((const char *) a->mask->data + iq1*a->mask->nb[1] +
+                (iq2 % a->mask->ne[2])*a->mask->nb[2] + (iq3 % a->mask->ne[3])*a->mask->nb[3]) : NULL;
+        sl[r] = a->max_bias > 0.0f ? (uint32_t) iq2 < a->n_head_log2 ? powf(a->m0, iq2 + 1)
+                                   : powf(a->m1, 2*(iq2 - a->n_head_log2) + 1) : 1.0f;
+        M[r] = -INFINITY;
+        S[r] = 0.0f;
+        memset(acc + r*DV, 0, DV*sizeof(float));
+    }
+
+    const char * kbase = (const char *) a->k->data + ik2*a->k->nb[2] + ik3*a->k->nb[3];
+    const char * vbase = (const char *) a->v->data + ik2*a->v->nb[2] + ik3*a->v->nb[3];
+    for (int64_t ic = c0; ic < c1; ++ic) {
+        int live = 0;
+        for (int64_t r = 0; r < R; ++r) {
+            sc[r] = mr[r] ? sl[r]*GGML_CPU_FP16_TO_FP32(mr[r][ic]) : 0.0f;
+            live |= sc[r] != -INFINITY;
+        }
+        if (!live) {
+            continue;
+        }
+        tq_decode_row((const uint8_t *) (kbase + ic*a->k->nb[1]), K32, DK, a->bits_k);
+        tq_decode_row((const uint8_t *) (vbase + ic*a->v->nb[1]), V32, DV, a->bits_v);
+        for (int64_t r = 0; r < R; ++r) {
+            if (sc[r] == -INFINITY) {
+                continue;
+            }
+            float s = tq_dot_f32(qr[r], K32, DK)*a->scale;
+            if (a->softcap != 0.0f) {
+                s = a->softcap*tanhf(s);
+            }
+            s += sc[r];
+            float ms = 1.0f, vs = 1.0f;
+            if (s > M[r]) {
+                ms = expf(M[r] - s);
+                M[r] = s;
+            } else {
+                vs = expf(s - M[r]);
+            }
+            tq_scale_mad(acc + r*DV, V32, DV, ms, vs);
+            S[r] = S[r]*ms + vs;
+        }
+    }
+
+    const struct ggml_tensor * dst = a->dst;
+    for (int64_t r = 0; r < R; ++r) {
+        const int64_t iq1 = t0 + r/a->rk2, iq2 = ik2*a->rk2 + r % a->rk2;
+        float * y = acc + r*DV;
+        if (a->sinks && c0 == 0) {
+            const float s = ((const float *) a->sinks->data)[iq2];
+            float ms = 1.0f, vs = 1.0f;
+            if (s > M[r]) {
+                ms = expf(M[r] - s);
+                M[r] = s;
+                for (int64_t d = 0; d < DV; ++d) {
+                    y[d] *= ms;
+                }
+            } else {
+                vs = expf(s - M[r]);
+            }
+            S[r] = S[r]*ms + vs;
+        }
+        if (partials) {
+            float * p = partials + r*stride;
+            p[0] = M[r];
+            p[1] = S[r];
+            memcpy(p + 2, y, DV*sizeof(float));
+            continue;
+        }
+        const float S_inv = S[r] == 0.0f ? 0.0f : 1.0f/S[r];
+        for (int64_t d = 0; d < DV; ++d) {
+            y[d] *= S_inv;
+        }
+        // permute(0, 2, 1, 3), as upstream
+        memcpy((char *) dst->data + (iq3*dst->ne[2]*dst->ne[1] + iq2 + iq1*dst->ne[1])*dst->nb[1], y, dst->nb[1]);
+    }
+}
+
+bool ggml_compute_forward_flash_attn_ext_turbo(const struct ggml_compute_params * params, struct ggml_tensor * dst) {
+    const struct ggml_tensor * q = dst->src[0], * k = dst->src[1], * v = dst->src[2];
+    struct tq_fa a = {
+        .q = q, .k = k, .v = v, .mask = dst->src[3], .sinks = dst->src[4], .dst = dst,
+        .DK = k->ne[0], .DV = v->ne[0], .n_kv = k->ne[1],
+        .bits_k = tq_fa_bits(k->type), .bits_v = tq_fa_bits(v->type),
+    };
+    if (params->use_ref || !a.bits_k || !a.bits_v || q->type != GGML_TYPE_F32 ||
+        (a.mask && a.mask->type != GGML_TYPE_F16) || k->ne[2] != v->ne[2] || k->ne[3] != v->ne[3] ||
+        q->ne[2] % k->ne[2] != 0 || q->ne[3] % k->ne[3] != 0 || a.DK % 16 != 0 || a.DV % 16 != 0 ||
+        q->nb[0] != sizeof(float) || dst->nb[0] != sizeof(float)) {
+        return false;
+    }
+    a.rk2 = q->ne[2]/k->ne[2];
+    a.rk3 = q->ne[3]/k->ne[3];
+    if (a.rk2 > TQ_FA_ROWS) {
+        return false;
+    }
+    memcpy(&a.scale,    (const float *) dst->op_params + 0, sizeof(float));
+    memcpy(&a.max_bias, (const float *) dst->op_params + 1, sizeof(float));
+    memcpy(&a.softcap,  (const float *) dst->op_params + 2, sizeof(float));
+    if (a.softcap != 0.0f) {
+        a.scale /= a.softcap;
+    }
+    a.n_head_log2 = 1u << (uint32_t) floor(log2((double) q->ne[2]));
+    a.m0 = powf(2.0f, -(a.max_bias       )/a.n_head_log2);
+    a.m1 = powf(2.0f, -(a.max_bias / 2.0f)/a.n_head_log2);
+
+    const int ith = params->ith, nth = params->nth;
+    const int64_t N = q->ne[1], n_kvh = k->ne[2]*q->ne[3];   // KV heads, over the batch dim too
+    const int64_t nt = N == 1 ? 1 : MAX(1, TQ_FA_ROWS/a.rk2); // positions per tile
+    const int64_t R = nt*a.rk2;
+    const size_t  per_thread = (size_t) (R*(a.DV + 4) + a.DK + a.DV + 16);
+    // a decode step splits the cache over the threads when its KV heads alone would not keep
+    // them busy; chunks of at least 256 positions
+    const int64_t n_chunks = N == 1 && n_kvh < 2*nth ? MAX(1, MIN(nth, a.n_kv/256)) : 1;
+    const int64_t stride = 2 + a.DV;
+    const size_t  need = (nth*per_thread + (n_chunks > 1 ? n_kvh*R*n_chunks*stride : 0))*sizeof(float);
+    if (need > params->wsize) {
+        return false;
+    }
+    float * scratch  = (float *) params->wdata + ith*per_thread;
+    float * partials = (float *) params->wdata + nth*per_thread;
+
+    if (n_chunks == 1) {
+        // tiles (KV head x positions) handed out as threads come free: later positions of a
+        // causal prompt see more of the cache
+        const int64_t n_pos_tiles = (N + nt - 1)/nt, n_tiles = n_kvh*n_pos_tiles;
+        if (ith == 0) {
+            ggml_threadpool_chunk_set(params->threadpool, nth);
+        }
+        ggml_barrier(params->threadpool);
+        for (int64_t t = ith; t < n_tiles; t = ggml_threadpool_chunk_add(params->threadpool, 1)) {
+            const int64_t h = t % n_kvh, pt = t / n_kvh;
+            const int64_t t0 = pt*nt;
+            tq_fa_tile(&a, h / k->ne[2], h % k->ne[2], t0, MIN(nt, N - t0), 0, a.n_kv, scratch, NULL, 0);
+        }
+        return true;
+    }
+
+    // decode, split: unit u = (KV head, chunk); partials of row r of head h, chunk c at
+    // partials + ((h*R + r)*n_chunks + c)*stride
+    const int64_t chunk = (a.n_kv + n_chunks - 1)/n_chunks;
+    for (int64_t u = ith; u < n_kvh*n_chunks; u += nth) {
+        const int64_t h = u / n_chunks, c = u % n_chunks;
+        const int64_t c0 = c*chunk, c1 = MIN(c0 + chunk, a.n_kv);
+        tq_fa_tile(&a, h / k->ne[2], h % k->ne[2], 0, 1, c0, MAX(c0, c1), scratch,
+                   partials + (h*R*n_chunks + c)*stride, n_chunks*stride);
+    }
+    ggml_barrier(params->threadpool);
+    for (int64_t row = ith; row < n_kvh*R; row += nth) {
+        const int64_t h = row / R, r = row % R;
+        const int64_t iq3 = h / k->ne[2], iq2 = (h % k->ne[2])*a.rk2 + r;
+        float * y = scratch;
+        float M = -INFINITY, S = 0.0f;
+        memset(y, 0, a.DV*sizeof(float));
+        for (int64_t c = 0; c < n_chunks; ++c) {
+            const float * p = partials + (row*n_chunks + c)*stride;
+            if (p[1] == 0.0f) {
+                continue;
+            }
+            const float Mn = fmaxf(M, p[0]), so = expf(M - Mn), sn = expf(p[0] - Mn);
+            for (int64_t d = 0; d < a.DV; ++d) {
+                y[d] = y[d]*so + p[2 + d]*sn;
+            }
+            S = S*so + p[1]*sn;
+            M = Mn;
+        }
+        const float S_inv = S == 0.0f ? 0.0f : 1.0f/S;
+        for (int64_t d = 0; d < a.DV; ++d) {
+            y[d] *= S_inv;
+        }
+        memcpy((char *) dst->data + (iq3*dst->ne[2]*dst->ne[1] + iq2)*dst->nb[1], y, dst->nb[1]);
+    }
+    return true;
 }
