@@ -6,7 +6,8 @@ processes at once each run many times slower). Two models: SmolLM2-135M (head 64
 the Llama-3.1-8B shape (head 128, GQA 4; random Q4_0 weights, --layers of its 32 layers: every
 layer has the full model's shapes, so the attention-to-weights ratio per layer is the 8B one, and a
 4k-deep prompt fits a short run). Writes a markdown table with each type's speed against q4_0's
-and f16's to --out; results are kept per run, so an interrupted run resumes.
+and f16's to --out; each llama-bench result is kept (in the build folder) until --fresh, so an
+interrupted run resumes.
 
     python scripts/cpu_bench.py --out results/cpu-bench.md
 """
@@ -72,12 +73,16 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--layers", type=int, default=2, help="layers of the 8B shape (default: %(default)s)")
     ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--fresh", action="store_true", help="forget kept results (after a rebuild)")
     a = ap.parse_args()
     from tqkv import assets, build, synth
 
     a.bin = a.bin or build.bin_dir(cuda=False)
-    runs = a.out.with_suffix("") / "runs"
+    runs = build.Layout().root / "cpu-bench-runs"
     runs.mkdir(parents=True, exist_ok=True)
+    if a.fresh:
+        for f in runs.glob("*.json"):
+            f.unlink()
     shape = build.Layout().root / f"llama8b-{a.layers}layers-q4_0-random-spread.gguf"
     if not shape.exists():
         print(f"writing {shape}", flush=True)
