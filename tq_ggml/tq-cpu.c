@@ -1,6 +1,7 @@
 // TurboQuant KV-cache types: CPU kernels. The scalar loops are the portable path; the AVX2 path
-// decodes 8 indices with one variable shift and looks the centroids up in registers
-// (_mm256_permutevar8x32_ps is an 8-entry float table; 16 entries take two and a blend).
+// encodes 8 values per compare, decodes 8 indices with one variable shift and looks the centroids
+// up in registers (_mm256_permutevar8x32_ps is an 8-entry float table; 16 entries take two and a
+// blend).
 #define GGML_COMMON_IMPL_C
 #include "ggml-common.h"
 
@@ -20,17 +21,121 @@
 #define TQ_AVX2 1
 #endif
 
-void quantize_row_turbo2_0(const float * GGML_RESTRICT x, void * GGML_RESTRICT y, int64_t k) {
-    quantize_row_turbo2_0_ref(x, (block_turbo2_0 *) y, k);
+#if defined(TQ_AVX2)
+// The reference encoder (tq-quants.c) with the indices of 8 values per compare and the sums of its
+// scale search in 4 float64 lanes. Only the order of those float64 sums differs; the search keeps
+// a later candidate only if it gains more than a relative TQ_SCALE_TIE, far above that rounding, so
+// the bytes are the reference's (checked against it by the parity tests). Blocks of zero or
+// non-finite norm, and scales past fp16's range, go to the reference itself.
+static inline double tq_hsum_pd(__m256d v) {
+    const __m128d s = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
+    return _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)));
 }
 
-void quantize_row_turbo3_0(const float * GGML_RESTRICT x, void * GGML_RESTRICT y, int64_t k) {
-    quantize_row_turbo3_0_ref(x, (block_turbo3_0 *) y, k);
+static void tq_quantize_row(const float * GGML_RESTRICT x, uint8_t * GGML_RESTRICT y, int64_t k, int bits,
+                            const float * boundaries, const float * centroids,
+                            void (*ref)(const float * GGML_RESTRICT, uint8_t * GGML_RESTRICT, int64_t)) {
+    const int    nb         = (1 << bits) - 1;
+    const size_t block_size = sizeof(ggml_half) + QK_TQ*bits/8;
+    const __m256 tlo = bits == 2 ? _mm256_castps128_ps256(_mm_loadu_ps(centroids)) : _mm256_loadu_ps(centroids);
+    const __m256 thi = bits == 4 ? _mm256_loadu_ps(centroids + 8) : tlo;
+
+    for (int64_t ib = 0; ib < k/QK_TQ; ++ib) {
+        const float * xb = x + ib*QK_TQ;
+        uint8_t     * yb = y + ib*block_size;
+        double sumsq = 0.0;
+        for (int i = 0; i < QK_TQ; ++i) {
+            sumsq += (double) xb[i] * (double) xb[i];
+        }
+        const float norm = (float) sqrt(sumsq);
+        if (!(norm > 0.0f && isfinite(norm))) {
+            ref(xb, yb, QK_TQ);
+            continue;
+        }
+        __m256  xv[QK_TQ/8];
+        __m256d xd[QK_TQ/4];
+        for (int g = 0; g < QK_TQ/8; ++g) {
+            xv[g]       = _mm256_loadu_ps(xb + 8*g);
+            xd[2*g]     = _mm256_cvtps_pd(_mm256_castps256_ps128(xv[g]));
+            xd[2*g + 1] = _mm256_cvtps_pd(_mm256_extractf128_ps(xv[g], 1));
+        }
+        int32_t best[QK_TQ];
+        double  best_gain = -1.0;
+        float   scale     = norm;
+        for (int s = 0; s < TQ_SCALE_STEPS; ++s) {
+            const float sc = norm * ((float) (TQ_SCALE_MIN + s) / TQ_SCALE_DIV);
+            __m256 thr[15];
+            for (int j = 0; j < nb; ++j) {
+                thr[j] = _mm256_set1_ps(boundaries[j] * sc);
+            }
+            __m256d xc0 = _mm256_setzero_pd(), xc1 = _mm256_setzero_pd();
+            __m256d cc0 = _mm256_setzero_pd(), cc1 = _mm256_setzero_pd();
+            __m256i idx[QK_TQ/8];
+            for (int g = 0; g < QK_TQ/8; ++g) {
+                __m256i n = _mm256_setzero_si256();
+                for (int j = 0; j < nb; ++j) {
+                    n = _mm256_sub_epi32(n, _mm256_castps_si256(_mm256_cmp_ps(xv[g], thr[j], _CMP_GT_OQ)));
+                }
+                idx[g] = n;
+                __m256 c = _mm256_permutevar8x32_ps(tlo, n);
+                if (bits == 4) {
+                    const __m256 sel = _mm256_castsi256_ps(_mm256_slli_epi32(n, 28));
+                    c = _mm256_blendv_ps(c, _mm256_permutevar8x32_ps(thi, n), sel);
+                }
+                const __m256d clo = _mm256_cvtps_pd(_mm256_castps256_ps128(c));
+                const __m256d chi = _mm256_cvtps_pd(_mm256_extractf128_ps(c, 1));
+                xc0 = _mm256_fmadd_pd(xd[2*g], clo, xc0);
+                xc1 = _mm256_fmadd_pd(xd[2*g + 1], chi, xc1);
+                cc0 = _mm256_fmadd_pd(clo, clo, cc0);
+                cc1 = _mm256_fmadd_pd(chi, chi, cc1);
+            }
+            const double xc = tq_hsum_pd(_mm256_add_pd(xc0, xc1));
+            const double cc = tq_hsum_pd(_mm256_add_pd(cc0, cc1));
+            const double gain = xc*xc/cc;
+            if (gain > best_gain*(1.0 + TQ_SCALE_TIE)) {
+                best_gain = gain;
+                scale     = (float) (xc/cc);
+                for (int g = 0; g < QK_TQ/8; ++g) {
+                    _mm256_storeu_si256((__m256i *) (best + 8*g), idx[g]);
+                }
+            }
+        }
+        if (!(scale <= 65504.0f)) {
+            ref(xb, yb, QK_TQ);
+            continue;
+        }
+        const ggml_half d = GGML_FP32_TO_FP16(scale);
+        memcpy(yb, &d, sizeof(d));
+        uint8_t * qs = yb + sizeof(ggml_half);
+        for (int g = 0; g < QK_TQ/8; ++g) {
+            uint32_t w = 0;
+            for (int l = 0; l < 8; ++l) {
+                w |= (uint32_t) best[8*g + l] << (bits*l);
+            }
+            for (int j = 0; j < bits; ++j) {
+                qs[bits*g + j] = (uint8_t) (w >> (8*j));
+            }
+        }
+    }
 }
 
-void quantize_row_turbo4_0(const float * GGML_RESTRICT x, void * GGML_RESTRICT y, int64_t k) {
-    quantize_row_turbo4_0_ref(x, (block_turbo4_0 *) y, k);
+#define TQ_DEFINE_QUANTIZE_ROW(BITS)                                                                       \
+static void tq_quantize_ref_##BITS(const float * GGML_RESTRICT x, uint8_t * GGML_RESTRICT y, int64_t k) {  \
+    quantize_row_turbo##BITS##_0_ref(x, (block_turbo##BITS##_0 *) y, k);                                   \
+}                                                                                                          \
+void quantize_row_turbo##BITS##_0(const float * GGML_RESTRICT x, void * GGML_RESTRICT y, int64_t k) {       \
+    tq_quantize_row(x, (uint8_t *) y, k, BITS, tq_boundaries_##BITS, tq_centroids_##BITS, tq_quantize_ref_##BITS); \
 }
+#else
+#define TQ_DEFINE_QUANTIZE_ROW(BITS)                                                                       \
+void quantize_row_turbo##BITS##_0(const float * GGML_RESTRICT x, void * GGML_RESTRICT y, int64_t k) {       \
+    quantize_row_turbo##BITS##_0_ref(x, (block_turbo##BITS##_0 *) y, k);                                   \
+}
+#endif
+
+TQ_DEFINE_QUANTIZE_ROW(2)
+TQ_DEFINE_QUANTIZE_ROW(3)
+TQ_DEFINE_QUANTIZE_ROW(4)
 
 // dot of one block's centroids with 64 floats of y (the caller multiplies by the block scale d)
 static inline float tq_block_dot(const uint8_t * GGML_RESTRICT qs, const float * GGML_RESTRICT y,
