@@ -102,7 +102,8 @@ def report(done: list[Step], build_s: float) -> str:
     lines = [
         "# ASan + UBSan on the CPU path",
         "",
-        f"Machine: {platform.machine()}, {os.cpu_count()} cores. The patched tree built with",
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores. Source: commit {source_commit()}. The patched tree "
+        "built with",
         f"`{' '.join(SANITIZE)}` (RelWithDebInfo, AVX2/FMA/F16C, shared libraries; {build_s / 60:.0f} min to build),",
         "then each step below under `ASAN_OPTIONS=" + SAN_ENV["ASAN_OPTIONS"] + "` and `UBSAN_OPTIONS="
         + SAN_ENV["UBSAN_OPTIONS"].replace(str(ROOT) + "/", "") + "` (the pytest step preloads libasan.so and checks no leaks, the",
@@ -124,6 +125,12 @@ def report(done: list[Step], build_s: float) -> str:
         if s.rc or s.reports:
             lines += ["", f"## {s.name}", "", "```", s.tail, "```"]
     return "\n".join(lines) + "\n"
+
+
+def source_commit() -> str:
+    """The commit the tree was built from (tqkv build applies this checkout's patches and sources)."""
+    r = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"], capture_output=True, text=True)
+    return r.stdout.strip() or "unknown"
 
 
 def outcome(s: Step) -> str:
