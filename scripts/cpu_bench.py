@@ -15,12 +15,11 @@ interrupted run resumes.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import subprocess
-import time
 from pathlib import Path
+
+from cuda_bench import cached_bench  # scripts/ is on the path when run as a script
 
 CONFIGS = [("f16", "f16"), ("q8_0", "q8_0"), ("q4_0", "q4_0"), ("tq4_0", "tq4_0"), ("tq3_0", "tq2_0")]
 DEPTHS = (0, 4096)
@@ -34,19 +33,9 @@ def cpu_name() -> str:
 
 
 def run(bench: Path, model: Path, k: str, v: str, p: int, n: int, reps: int, threads: int, out: Path) -> list[dict]:
-    if out.exists():
-        return json.loads(out.read_text())
     cmd = [str(bench), "-m", str(model), "-fa", "1", "-ngl", "0", "-t", str(threads), "-ctk", k, "-ctv", v,
            "-p", str(p), "-n", str(n), "-d", ",".join(map(str, DEPTHS)), "-r", str(reps), "-o", "json"]
-    print("$ " + " ".join(cmd), flush=True)
-    t0 = time.monotonic()
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode != 0:
-        raise SystemExit(f"llama-bench failed for {k}/{v}:\n{r.stderr[-3000:]}")
-    rows = json.loads(r.stdout)
-    out.write_text(json.dumps(rows))
-    print(f"  {k}/{v}: {time.monotonic() - t0:.0f} s", flush=True)
-    return rows
+    return cached_bench(cmd, out, f"{k}/{v}")
 
 
 def table(title: str, results: dict[str, list[dict]]) -> list[str]:

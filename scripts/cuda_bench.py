@@ -76,21 +76,25 @@ def kv_bytes_per_token(k: str, v: str, depth: int) -> float:
     return N_LAYER * N_HEAD_KV * HEAD_DIM * (depth + 32) * (BITS[k] + BITS[v]) / 8
 
 
-def run_config(bench: Path, model: Path, k: str, v: str, reps: int, cache: Path, build: str = "") -> list[dict]:
-    out = cache / f"{build + '-' if build else ''}{k}-{v}.json"
+def cached_bench(cmd: list[str], out: Path, label: str) -> list[dict]:
+    """llama-bench's JSON rows for cmd, kept in out: an interrupted run resumes where it stopped."""
     if out.exists():
         return json.loads(out.read_text())
-    cmd = [str(bench), "-m", str(model), "-fa", "1", "-ngl", "99", "-ctk", k, "-ctv", v, "-p", "512", "-n", "64",
-           "-d", ",".join(map(str, DEPTHS)), "-r", str(reps), "-o", "json"]
     print("$ " + " ".join(cmd), flush=True)
     t0 = time.monotonic()
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
-        raise SystemExit(f"llama-bench failed for {build or 'this build'} {k}/{v}:\n{r.stderr[-3000:]}")
+        raise SystemExit(f"llama-bench failed for {label}:\n{r.stderr[-3000:]}")
     rows = json.loads(r.stdout)
     out.write_text(json.dumps(rows))
-    print(f"  {build} {k}/{v}: {time.monotonic() - t0:.0f} s", flush=True)
+    print(f"  {label}: {time.monotonic() - t0:.0f} s", flush=True)
     return rows
+
+
+def run_config(bench: Path, model: Path, k: str, v: str, reps: int, cache: Path, build: str = "") -> list[dict]:
+    cmd = [str(bench), "-m", str(model), "-fa", "1", "-ngl", "99", "-ctk", k, "-ctv", v, "-p", "512", "-n", "64",
+           "-d", ",".join(map(str, DEPTHS)), "-r", str(reps), "-o", "json"]
+    return cached_bench(cmd, cache / f"{build + '-' if build else ''}{k}-{v}.json", f"{build or 'this build'} {k}/{v}")
 
 
 def split(name: str) -> tuple[str, str, str]:

@@ -97,14 +97,14 @@ def steps(san_root: Path, bin_dir: Path) -> list[Step]:
     return done
 
 
-def report(done: list[Step], build_s: float) -> str:
+def report(done: list[Step], build_s: float, commit: str, incremental: bool) -> str:
     clean = all(s.rc == 0 and s.reports == 0 for s in done)
     lines = [
         "# ASan + UBSan on the CPU path",
         "",
-        f"Machine: {platform.machine()}, {os.cpu_count()} cores. Source: commit {source_commit()}. The patched tree "
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores. Source: commit {commit}. The patched tree "
         "built with",
-        f"`{' '.join(SANITIZE)}` (RelWithDebInfo, AVX2/FMA/F16C, shared libraries; {build_s / 60:.0f} min to build),",
+        f"`{' '.join(SANITIZE)}` (RelWithDebInfo, AVX2/FMA/F16C, shared libraries; {build_s / 60:.0f} min to build{', incremental' if incremental else ''}),",
         "then each step below under `ASAN_OPTIONS=" + SAN_ENV["ASAN_OPTIONS"] + "` and `UBSAN_OPTIONS="
         + SAN_ENV["UBSAN_OPTIONS"].replace(str(ROOT) + "/", "") + "` (the pytest step preloads libasan.so and checks no leaks, the",
         "interpreter's own being by design). Command: `python scripts/sanitize_cpu.py`.",
@@ -128,7 +128,7 @@ def report(done: list[Step], build_s: float) -> str:
 
 
 def source_commit() -> str:
-    """The commit the tree was built from (tqkv build applies this checkout's patches and sources)."""
+    """This checkout's commit, which the tree was built from if `tqkv build` ran since it changed."""
     r = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"], capture_output=True, text=True)
     return r.stdout.strip() or "unknown"
 
@@ -151,10 +151,11 @@ def main() -> None:
     if not (src / "ggml" / "src" / "ggml-tq").is_dir():
         raise SystemExit(f"no patched tree in {src}: run `tqkv build` first")
     layout = build.Layout(a.build_dir.expanduser().resolve())
+    commit, incremental = source_commit(), layout.cmake_dir(False).exists()
     t0 = time.monotonic()
     configure_and_build(src, layout.cmake_dir(False), a.jobs)
     done = steps(layout.root, layout.bin_dir(False))
-    text = report(done, time.monotonic() - t0 - sum(s.seconds for s in done))
+    text = report(done, time.monotonic() - t0 - sum(s.seconds for s in done), commit, incremental)
     a.out.write_text(text)
     print(text)
     raise SystemExit(0 if all(s.rc == 0 and s.reports == 0 for s in done) else 1)
