@@ -22,6 +22,32 @@
 #endif
 
 #if defined(TQ_AVX2)
+// the 8 indices of group g (bits bytes at qs + bits*g), one per lane
+static inline __m256i tq_indices8(const uint8_t * qs, int g, int bits, __m256i shifts, __m256i mask) {
+    const __m256i w = _mm256_set1_epi32((int) tq_load_group(qs + bits*g, bits));
+    return _mm256_and_si256(_mm256_srlv_epi32(w, shifts), mask);
+}
+
+// the centroids of 8 indices from a table in registers (tlo: entries 0-7; thi: 8-15, 4-bit only)
+static inline __m256 tq_lookup8(__m256i idx, __m256 tlo, __m256 thi, int bits) {
+    __m256 c = _mm256_permutevar8x32_ps(tlo, idx);
+    if (bits == 4) {
+        // bit 3 of the index moved to the sign bit selects the upper half of the table
+        const __m256 sel = _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28));
+        c = _mm256_blendv_ps(c, _mm256_permutevar8x32_ps(thi, idx), sel);
+    }
+    return c;
+}
+
+static inline float tq_hsum_ps(__m256 v) {
+    __m128 r = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+    r = _mm_add_ss(r, _mm_movehdup_ps(r));
+    return _mm_cvtss_f32(r);
+}
+#endif
+
+#if defined(TQ_AVX2)
 // The reference encoder (tq-quants.c) with the indices of 8 values per compare and the sums of its
 // scale search in 4 float64 lanes. Only the order of those float64 sums differs; the search keeps
 // a later candidate only if it gains more than a relative TQ_SCALE_TIE, far above that rounding, so
@@ -77,11 +103,7 @@ static void tq_quantize_row(const float * GGML_RESTRICT x, uint8_t * GGML_RESTRI
                     n = _mm256_sub_epi32(n, _mm256_castps_si256(_mm256_cmp_ps(xv[g], thr[j], _CMP_GT_OQ)));
                 }
                 idx[g] = n;
-                __m256 c = _mm256_permutevar8x32_ps(tlo, n);
-                if (bits == 4) {
-                    const __m256 sel = _mm256_castsi256_ps(_mm256_slli_epi32(n, 28));
-                    c = _mm256_blendv_ps(c, _mm256_permutevar8x32_ps(thi, n), sel);
-                }
+                const __m256 c = tq_lookup8(n, tlo, thi, bits);
                 const __m256d clo = _mm256_cvtps_pd(_mm256_castps256_ps128(c));
                 const __m256d chi = _mm256_cvtps_pd(_mm256_extractf128_ps(c, 1));
                 xc0 = _mm256_fmadd_pd(xd[2*g], clo, xc0);
@@ -150,20 +172,10 @@ static inline float tq_block_dot(const uint8_t * GGML_RESTRICT qs, const float *
 
     __m256 acc = _mm256_setzero_ps();
     for (int g = 0; g < QK_TQ/8; ++g) {
-        const __m256i w   = _mm256_set1_epi32((int) tq_load_group(qs + bits*g, bits));
-        const __m256i idx = _mm256_and_si256(_mm256_srlv_epi32(w, shifts), mask);
-        __m256 c = _mm256_permutevar8x32_ps(tlo, idx);
-        if (bits == 4) {
-            // bit 3 of the index moved to the sign bit selects the upper half of the table
-            const __m256 sel = _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28));
-            c = _mm256_blendv_ps(c, _mm256_permutevar8x32_ps(thi, idx), sel);
-        }
+        const __m256 c = tq_lookup8(tq_indices8(qs, g, bits, shifts, mask), tlo, thi, bits);
         acc = _mm256_fmadd_ps(c, _mm256_loadu_ps(y + 8*g), acc);
     }
-    __m128 r = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-    r = _mm_add_ps(r, _mm_movehl_ps(r, r));
-    r = _mm_add_ss(r, _mm_movehdup_ps(r));
-    return _mm_cvtss_f32(r);
+    return tq_hsum_ps(acc);
 #else
     const uint32_t mask = (1u << bits) - 1;
     float sum = 0.0f;
@@ -283,13 +295,7 @@ static void tq_decode_row(const uint8_t * GGML_RESTRICT x, float * GGML_RESTRICT
 #if defined(TQ_AVX2)
         const __m256 vd = _mm256_set1_ps(d);
         for (int g = 0; g < QK_TQ/8; ++g) {
-            const __m256i w   = _mm256_set1_epi32((int) tq_load_group(qs + bits*g, bits));
-            const __m256i idx = _mm256_and_si256(_mm256_srlv_epi32(w, shifts), mask);
-            __m256 c = _mm256_permutevar8x32_ps(tlo, idx);
-            if (bits == 4) {
-                const __m256 sel = _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28));
-                c = _mm256_blendv_ps(c, _mm256_permutevar8x32_ps(thi, idx), sel);
-            }
+            const __m256 c = tq_lookup8(tq_indices8(qs, g, bits, shifts, mask), tlo, thi, bits);
             _mm256_storeu_ps(yb + 8*g, _mm256_mul_ps(vd, c));
         }
 #else
@@ -311,11 +317,7 @@ static inline float tq_dot_f32(const float * GGML_RESTRICT a, const float * GGML
         acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i),     _mm256_loadu_ps(b + i),     acc0);
         acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
     }
-    const __m256 acc = _mm256_add_ps(acc0, acc1);
-    __m128 r = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-    r = _mm_add_ps(r, _mm_movehl_ps(r, r));
-    r = _mm_add_ss(r, _mm_movehdup_ps(r));
-    return _mm_cvtss_f32(r);
+    return tq_hsum_ps(_mm256_add_ps(acc0, acc1));
 #else
     float s = 0.0f;
     for (int64_t i = 0; i < n; ++i) {
