@@ -275,39 +275,33 @@ static inline int tq_fa_bits(enum ggml_type t) {
     return t == GGML_TYPE_TURBO2_0 ? 2 : t == GGML_TYPE_TURBO3_0 ? 3 : t == GGML_TYPE_TURBO4_0 ? 4 : 0;
 }
 
-// n values of a row of blocks -> floats (d * centroid, as dequantize_row_turbo*_0)
+// n values of a row of blocks -> floats (d * centroid): dequantize_row_turbo*_0, whose scalar loop
+// is the portable path
 static void tq_decode_row(const uint8_t * GGML_RESTRICT x, float * GGML_RESTRICT y, int64_t n, int bits) {
+#if defined(TQ_AVX2)
     const float * centroids = bits == 2 ? tq_centroids_2 : bits == 3 ? tq_centroids_3 : tq_centroids_4;
     const size_t block_size = sizeof(ggml_half) + QK_TQ*bits/8;
-#if defined(TQ_AVX2)
     const __m256i shifts = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(bits));
     const __m256i mask   = _mm256_set1_epi32((1 << bits) - 1);
     const __m256 tlo = bits == 2 ? _mm256_castps128_ps256(_mm_loadu_ps(centroids)) : _mm256_loadu_ps(centroids);
     const __m256 thi = bits == 4 ? _mm256_loadu_ps(centroids + 8) : tlo;
-#endif
     for (int64_t ib = 0; ib < n/QK_TQ; ++ib) {
         const uint8_t * b = x + ib*block_size;
         ggml_half dh;
         memcpy(&dh, b, sizeof(dh));
-        const float d = GGML_CPU_FP16_TO_FP32(dh);
-        const uint8_t * qs = b + sizeof(ggml_half);
-        float * yb = y + ib*QK_TQ;
-#if defined(TQ_AVX2)
-        const __m256 vd = _mm256_set1_ps(d);
+        const __m256 vd = _mm256_set1_ps(GGML_CPU_FP16_TO_FP32(dh));
         for (int g = 0; g < QK_TQ/8; ++g) {
-            const __m256 c = tq_lookup8(tq_indices8(qs, g, bits, shifts, mask), tlo, thi, bits);
-            _mm256_storeu_ps(yb + 8*g, _mm256_mul_ps(vd, c));
+            const __m256 c = tq_lookup8(tq_indices8(b + sizeof(ggml_half), g, bits, shifts, mask), tlo, thi, bits);
+            _mm256_storeu_ps(y + ib*QK_TQ + 8*g, _mm256_mul_ps(vd, c));
         }
-#else
-        const uint32_t m = (1u << bits) - 1;
-        for (int g = 0; g < QK_TQ/8; ++g) {
-            const uint32_t w = tq_load_group(qs + bits*g, bits);
-            for (int l = 0; l < 8; ++l) {
-                yb[8*g + l] = d*centroids[(w >> (bits*l)) & m];
-            }
-        }
-#endif
     }
+#else
+    switch (bits) {
+        case 2:  dequantize_row_turbo2_0((const block_turbo2_0 *) x, y, n); break;
+        case 3:  dequantize_row_turbo3_0((const block_turbo3_0 *) x, y, n); break;
+        default: dequantize_row_turbo4_0((const block_turbo4_0 *) x, y, n); break;
+    }
+#endif
 }
 
 static inline float tq_dot_f32(const float * GGML_RESTRICT a, const float * GGML_RESTRICT b, int64_t n) {
