@@ -15,6 +15,9 @@
 #pragma once
 
 #define QK_TQ 64
+// the small block of the tqN_0_b16 types: the same format over 16 values, for head sizes that are
+// a multiple of 16 but not of 64 (80, 96, 112); its fp16 scale costs 1 bit per value, not 0.25
+#define QK_TQ16 16
 
 // encoder scale search: boundaries scaled by (TQ_SCALE_MIN + s)/TQ_SCALE_DIV * ||x||, s < TQ_SCALE_STEPS
 #define TQ_SCALE_MIN   28
@@ -39,6 +42,24 @@ typedef struct {
     uint8_t qs[QK_TQ * 4 / 8]; // 4-bit indices
 } block_turbo4_0;
 static_assert(sizeof(block_turbo4_0) == sizeof(ggml_half) + QK_TQ * 4 / 8, "wrong turbo4_0 block size/padding");
+
+typedef struct {
+    ggml_half d;
+    uint8_t qs[QK_TQ16 * 2 / 8];
+} block_turbo2_0_b16;
+static_assert(sizeof(block_turbo2_0_b16) == sizeof(ggml_half) + QK_TQ16 * 2 / 8, "wrong turbo2_0_b16 block size/padding");
+
+typedef struct {
+    ggml_half d;
+    uint8_t qs[QK_TQ16 * 3 / 8];
+} block_turbo3_0_b16;
+static_assert(sizeof(block_turbo3_0_b16) == sizeof(ggml_half) + QK_TQ16 * 3 / 8, "wrong turbo3_0_b16 block size/padding");
+
+typedef struct {
+    ggml_half d;
+    uint8_t qs[QK_TQ16 * 4 / 8];
+} block_turbo4_0_b16;
+static_assert(sizeof(block_turbo4_0_b16) == sizeof(ggml_half) + QK_TQ16 * 4 / 8, "wrong turbo4_0_b16 block size/padding");
 
 // the 8 indices of group g (bits bytes at qs + bits*g), assembled in a register: a memcpy into a
 // stack word would stall on store forwarding before a SIMD broadcast

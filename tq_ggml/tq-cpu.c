@@ -58,29 +58,29 @@ static inline double tq_hsum_pd(__m256d v) {
     return _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)));
 }
 
-static void tq_quantize_row(const float * GGML_RESTRICT x, uint8_t * GGML_RESTRICT y, int64_t k, int bits,
+static void tq_quantize_row(const float * GGML_RESTRICT x, uint8_t * GGML_RESTRICT y, int64_t k, int qk, int bits,
                             const float * boundaries, const float * centroids,
                             void (*ref)(const float * GGML_RESTRICT, uint8_t * GGML_RESTRICT, int64_t)) {
     const int    nb         = (1 << bits) - 1;
-    const size_t block_size = sizeof(ggml_half) + QK_TQ*bits/8;
+    const size_t block_size = sizeof(ggml_half) + qk*bits/8;
     const __m256 tlo = bits == 2 ? _mm256_castps128_ps256(_mm_loadu_ps(centroids)) : _mm256_loadu_ps(centroids);
     const __m256 thi = bits == 4 ? _mm256_loadu_ps(centroids + 8) : tlo;
 
-    for (int64_t ib = 0; ib < k/QK_TQ; ++ib) {
-        const float * xb = x + ib*QK_TQ;
+    for (int64_t ib = 0; ib < k/qk; ++ib) {
+        const float * xb = x + ib*qk;
         uint8_t     * yb = y + ib*block_size;
         double sumsq = 0.0;
-        for (int i = 0; i < QK_TQ; ++i) {
+        for (int i = 0; i < qk; ++i) {
             sumsq += (double) xb[i] * (double) xb[i];
         }
         const float norm = (float) sqrt(sumsq);
         if (!(norm > 0.0f && isfinite(norm))) {
-            ref(xb, yb, QK_TQ);
+            ref(xb, yb, qk);
             continue;
         }
-        __m256  xv[QK_TQ/8];
+        __m256  xv[QK_TQ/8]; // qk <= QK_TQ
         __m256d xd[QK_TQ/4];
-        for (int g = 0; g < QK_TQ/8; ++g) {
+        for (int g = 0; g < qk/8; ++g) {
             xv[g]       = _mm256_loadu_ps(xb + 8*g);
             xd[2*g]     = _mm256_cvtps_pd(_mm256_castps256_ps128(xv[g]));
             xd[2*g + 1] = _mm256_cvtps_pd(_mm256_extractf128_ps(xv[g], 1));
@@ -97,7 +97,7 @@ static void tq_quantize_row(const float * GGML_RESTRICT x, uint8_t * GGML_RESTRI
             __m256d xc0 = _mm256_setzero_pd(), xc1 = _mm256_setzero_pd();
             __m256d cc0 = _mm256_setzero_pd(), cc1 = _mm256_setzero_pd();
             __m256i idx[QK_TQ/8];
-            for (int g = 0; g < QK_TQ/8; ++g) {
+            for (int g = 0; g < qk/8; ++g) {
                 __m256i n = _mm256_setzero_si256();
                 for (int j = 0; j < nb; ++j) {
                     n = _mm256_sub_epi32(n, _mm256_castps_si256(_mm256_cmp_ps(xv[g], thr[j], _CMP_GT_OQ)));
@@ -117,19 +117,19 @@ static void tq_quantize_row(const float * GGML_RESTRICT x, uint8_t * GGML_RESTRI
             if (gain > best_gain*(1.0 + TQ_SCALE_TIE)) {
                 best_gain = gain;
                 scale     = (float) (xc/cc);
-                for (int g = 0; g < QK_TQ/8; ++g) {
+                for (int g = 0; g < qk/8; ++g) {
                     _mm256_storeu_si256((__m256i *) (best + 8*g), idx[g]);
                 }
             }
         }
         if (!(scale <= 65504.0f)) {
-            ref(xb, yb, QK_TQ);
+            ref(xb, yb, qk);
             continue;
         }
         const ggml_half d = GGML_FP32_TO_FP16(scale);
         memcpy(yb, &d, sizeof(d));
         uint8_t * qs = yb + sizeof(ggml_half);
-        for (int g = 0; g < QK_TQ/8; ++g) {
+        for (int g = 0; g < qk/8; ++g) {
             uint32_t w = 0;
             for (int l = 0; l < 8; ++l) {
                 w |= (uint32_t) best[8*g + l] << (bits*l);
@@ -141,27 +141,31 @@ static void tq_quantize_row(const float * GGML_RESTRICT x, uint8_t * GGML_RESTRI
     }
 }
 
-#define TQ_DEFINE_QUANTIZE_ROW(BITS)                                                                       \
-static void tq_quantize_ref_##BITS(const float * GGML_RESTRICT x, uint8_t * GGML_RESTRICT y, int64_t k) {  \
-    quantize_row_turbo##BITS##_0_ref(x, (block_turbo##BITS##_0 *) y, k);                                   \
+// NAME: turboB_0 or turboB_0_b16 (block QK, codebooks CB: tq or tq16)
+#define TQ_DEFINE_QUANTIZE_ROW(NAME, QK, BITS, CB)                                                         \
+static void tq_quantize_ref_##NAME(const float * GGML_RESTRICT x, uint8_t * GGML_RESTRICT y, int64_t k) {  \
+    quantize_row_##NAME##_ref(x, (block_##NAME *) y, k);                                                   \
 }                                                                                                          \
-void quantize_row_turbo##BITS##_0(const float * GGML_RESTRICT x, void * GGML_RESTRICT y, int64_t k) {       \
-    tq_quantize_row(x, (uint8_t *) y, k, BITS, tq_boundaries_##BITS, tq_centroids_##BITS, tq_quantize_ref_##BITS); \
+void quantize_row_##NAME(const float * GGML_RESTRICT x, void * GGML_RESTRICT y, int64_t k) {               \
+    tq_quantize_row(x, (uint8_t *) y, k, QK, BITS, CB##_boundaries_##BITS, CB##_centroids_##BITS, tq_quantize_ref_##NAME); \
 }
 #else
-#define TQ_DEFINE_QUANTIZE_ROW(BITS)                                                                       \
-void quantize_row_turbo##BITS##_0(const float * GGML_RESTRICT x, void * GGML_RESTRICT y, int64_t k) {       \
-    quantize_row_turbo##BITS##_0_ref(x, (block_turbo##BITS##_0 *) y, k);                                   \
+#define TQ_DEFINE_QUANTIZE_ROW(NAME, QK, BITS, CB)                                                         \
+void quantize_row_##NAME(const float * GGML_RESTRICT x, void * GGML_RESTRICT y, int64_t k) {               \
+    quantize_row_##NAME##_ref(x, (block_##NAME *) y, k);                                                   \
 }
 #endif
 
-TQ_DEFINE_QUANTIZE_ROW(2)
-TQ_DEFINE_QUANTIZE_ROW(3)
-TQ_DEFINE_QUANTIZE_ROW(4)
+TQ_DEFINE_QUANTIZE_ROW(turbo2_0,     QK_TQ,   2, tq)
+TQ_DEFINE_QUANTIZE_ROW(turbo3_0,     QK_TQ,   3, tq)
+TQ_DEFINE_QUANTIZE_ROW(turbo4_0,     QK_TQ,   4, tq)
+TQ_DEFINE_QUANTIZE_ROW(turbo2_0_b16, QK_TQ16, 2, tq16)
+TQ_DEFINE_QUANTIZE_ROW(turbo3_0_b16, QK_TQ16, 3, tq16)
+TQ_DEFINE_QUANTIZE_ROW(turbo4_0_b16, QK_TQ16, 4, tq16)
 
-// dot of one block's centroids with 64 floats of y (the caller multiplies by the block scale d)
+// dot of one block's centroids with qk floats of y (the caller multiplies by the block scale d)
 static inline float tq_block_dot(const uint8_t * GGML_RESTRICT qs, const float * GGML_RESTRICT y,
-                                 int bits, const float * centroids) {
+                                 int qk, int bits, const float * centroids) {
 #if defined(TQ_AVX2)
     const __m256i shifts = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(bits));
     const __m256i mask   = _mm256_set1_epi32((1 << bits) - 1);
@@ -171,7 +175,7 @@ static inline float tq_block_dot(const uint8_t * GGML_RESTRICT qs, const float *
     const __m256 thi = bits == 4 ? _mm256_loadu_ps(centroids + 8) : tlo;
 
     __m256 acc = _mm256_setzero_ps();
-    for (int g = 0; g < QK_TQ/8; ++g) {
+    for (int g = 0; g < qk/8; ++g) {
         const __m256 c = tq_lookup8(tq_indices8(qs, g, bits, shifts, mask), tlo, thi, bits);
         acc = _mm256_fmadd_ps(c, _mm256_loadu_ps(y + 8*g), acc);
     }
@@ -179,7 +183,7 @@ static inline float tq_block_dot(const uint8_t * GGML_RESTRICT qs, const float *
 #else
     const uint32_t mask = (1u << bits) - 1;
     float sum = 0.0f;
-    for (int g = 0; g < QK_TQ/8; ++g) {
+    for (int g = 0; g < qk/8; ++g) {
         const uint32_t w = tq_load_group(qs + bits*g, bits);
         for (int l = 0; l < 8; ++l) {
             sum += centroids[(w >> (bits*l)) & mask] * y[8*g + l];
@@ -189,24 +193,27 @@ static inline float tq_block_dot(const uint8_t * GGML_RESTRICT qs, const float *
 #endif
 }
 
-#define TQ_DEFINE_VEC_DOT(BITS)                                                                            \
-void ggml_vec_dot_turbo##BITS##_0_f32(int n, float * GGML_RESTRICT s, size_t bs, const void * GGML_RESTRICT vx, \
-                                      size_t bx, const void * GGML_RESTRICT vy, size_t by, int nrc) {      \
-    assert(n % QK_TQ == 0);                                                                                \
+#define TQ_DEFINE_VEC_DOT(NAME, QK, BITS, CB)                                                              \
+void ggml_vec_dot_##NAME##_f32(int n, float * GGML_RESTRICT s, size_t bs, const void * GGML_RESTRICT vx,   \
+                               size_t bx, const void * GGML_RESTRICT vy, size_t by, int nrc) {             \
+    assert(n % QK == 0);                                                                                   \
     assert(nrc == 1);                                                                                      \
     GGML_UNUSED(bs); GGML_UNUSED(bx); GGML_UNUSED(by); GGML_UNUSED(nrc);                                   \
-    const block_turbo##BITS##_0 * GGML_RESTRICT x = (const block_turbo##BITS##_0 *) vx;                    \
+    const block_##NAME * GGML_RESTRICT x = (const block_##NAME *) vx;                                      \
     const float * GGML_RESTRICT y = (const float *) vy;                                                    \
     float sum = 0.0f;                                                                                      \
-    for (int i = 0; i < n/QK_TQ; ++i) {                                                                    \
-        sum += GGML_CPU_FP16_TO_FP32(x[i].d) * tq_block_dot(x[i].qs, y + i*QK_TQ, BITS, tq_centroids_##BITS); \
+    for (int i = 0; i < n/QK; ++i) {                                                                       \
+        sum += GGML_CPU_FP16_TO_FP32(x[i].d) * tq_block_dot(x[i].qs, y + i*QK, QK, BITS, CB##_centroids_##BITS); \
     }                                                                                                      \
     *s = sum;                                                                                              \
 }
 
-TQ_DEFINE_VEC_DOT(2)
-TQ_DEFINE_VEC_DOT(3)
-TQ_DEFINE_VEC_DOT(4)
+TQ_DEFINE_VEC_DOT(turbo2_0,     QK_TQ,   2, tq)
+TQ_DEFINE_VEC_DOT(turbo3_0,     QK_TQ,   3, tq)
+TQ_DEFINE_VEC_DOT(turbo4_0,     QK_TQ,   4, tq)
+TQ_DEFINE_VEC_DOT(turbo2_0_b16, QK_TQ16, 2, tq16)
+TQ_DEFINE_VEC_DOT(turbo3_0_b16, QK_TQ16, 3, tq16)
+TQ_DEFINE_VEC_DOT(turbo4_0_b16, QK_TQ16, 4, tq16)
 
 // GGML_OP_TURBO_K_ROT (tq-offset.c): the same arithmetic in the same order as the unfused graph
 // (x*a or x/a, then upstream's CPU transform: times 1/sqrt(nrot), butterflies of growing span, then
@@ -271,36 +278,67 @@ void ggml_compute_forward_turbo_k_rot(const struct ggml_compute_params * params,
 
 #define TQ_FA_ROWS 64 // query rows per tile: GGML_FA_TILE_Q, which the work buffer is sized for
 
-static inline int tq_fa_bits(enum ggml_type t) {
-    return t == GGML_TYPE_TURBO2_0 ? 2 : t == GGML_TYPE_TURBO3_0 ? 3 : t == GGML_TYPE_TURBO4_0 ? 4 : 0;
+// a TurboQuant type's block format; NULL for any other type
+struct tq_fmt {
+    int bits, qk;
+    const float * centroids;
+    void (*dequantize)(const void * GGML_RESTRICT, float * GGML_RESTRICT, int64_t);
+};
+
+#define TQ_DEQUANTIZE(NAME) \
+static void tq_dequantize_##NAME(const void * GGML_RESTRICT x, float * GGML_RESTRICT y, int64_t n) { \
+    dequantize_row_##NAME((const block_##NAME *) x, y, n); \
+}
+TQ_DEQUANTIZE(turbo2_0)
+TQ_DEQUANTIZE(turbo3_0)
+TQ_DEQUANTIZE(turbo4_0)
+TQ_DEQUANTIZE(turbo2_0_b16)
+TQ_DEQUANTIZE(turbo3_0_b16)
+TQ_DEQUANTIZE(turbo4_0_b16)
+
+static const struct tq_fmt * tq_fmt_of(enum ggml_type t) {
+    static const struct tq_fmt fmts[] = {
+        { 2, QK_TQ,   tq_centroids_2,   tq_dequantize_turbo2_0     },
+        { 3, QK_TQ,   tq_centroids_3,   tq_dequantize_turbo3_0     },
+        { 4, QK_TQ,   tq_centroids_4,   tq_dequantize_turbo4_0     },
+        { 2, QK_TQ16, tq16_centroids_2, tq_dequantize_turbo2_0_b16 },
+        { 3, QK_TQ16, tq16_centroids_3, tq_dequantize_turbo3_0_b16 },
+        { 4, QK_TQ16, tq16_centroids_4, tq_dequantize_turbo4_0_b16 },
+    };
+    switch (t) {
+        case GGML_TYPE_TURBO2_0:     return &fmts[0];
+        case GGML_TYPE_TURBO3_0:     return &fmts[1];
+        case GGML_TYPE_TURBO4_0:     return &fmts[2];
+        case GGML_TYPE_TURBO2_0_B16: return &fmts[3];
+        case GGML_TYPE_TURBO3_0_B16: return &fmts[4];
+        case GGML_TYPE_TURBO4_0_B16: return &fmts[5];
+        default:                     return NULL;
+    }
 }
 
-// n values of a row of blocks -> floats (d * centroid): dequantize_row_turbo*_0, whose scalar loop
-// is the portable path
-static void tq_decode_row(const uint8_t * GGML_RESTRICT x, float * GGML_RESTRICT y, int64_t n, int bits) {
+// n values of a row of blocks -> floats (d * centroid): the type's dequantize_row, whose scalar
+// loop is the portable path
+static void tq_decode_row(const uint8_t * GGML_RESTRICT x, float * GGML_RESTRICT y, int64_t n, const struct tq_fmt * f) {
 #if defined(TQ_AVX2)
-    const float * centroids = bits == 2 ? tq_centroids_2 : bits == 3 ? tq_centroids_3 : tq_centroids_4;
-    const size_t block_size = sizeof(ggml_half) + QK_TQ*bits/8;
+    const int bits = f->bits, qk = f->qk;
+    const float * centroids = f->centroids;
+    const size_t block_size = sizeof(ggml_half) + qk*bits/8;
     const __m256i shifts = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(bits));
     const __m256i mask   = _mm256_set1_epi32((1 << bits) - 1);
     const __m256 tlo = bits == 2 ? _mm256_castps128_ps256(_mm_loadu_ps(centroids)) : _mm256_loadu_ps(centroids);
     const __m256 thi = bits == 4 ? _mm256_loadu_ps(centroids + 8) : tlo;
-    for (int64_t ib = 0; ib < n/QK_TQ; ++ib) {
+    for (int64_t ib = 0; ib < n/qk; ++ib) {
         const uint8_t * b = x + ib*block_size;
         ggml_half dh;
         memcpy(&dh, b, sizeof(dh));
         const __m256 vd = _mm256_set1_ps(GGML_CPU_FP16_TO_FP32(dh));
-        for (int g = 0; g < QK_TQ/8; ++g) {
+        for (int g = 0; g < qk/8; ++g) {
             const __m256 c = tq_lookup8(tq_indices8(b + sizeof(ggml_half), g, bits, shifts, mask), tlo, thi, bits);
-            _mm256_storeu_ps(y + ib*QK_TQ + 8*g, _mm256_mul_ps(vd, c));
+            _mm256_storeu_ps(y + ib*qk + 8*g, _mm256_mul_ps(vd, c));
         }
     }
 #else
-    switch (bits) {
-        case 2:  dequantize_row_turbo2_0((const block_turbo2_0 *) x, y, n); break;
-        case 3:  dequantize_row_turbo3_0((const block_turbo3_0 *) x, y, n); break;
-        default: dequantize_row_turbo4_0((const block_turbo4_0 *) x, y, n); break;
-    }
+    f->dequantize(x, y, n);
 #endif
 }
 
@@ -339,7 +377,7 @@ static inline void tq_scale_mad(float * GGML_RESTRICT y, const float * GGML_REST
 struct tq_fa {
     const struct ggml_tensor * q, * k, * v, * mask, * sinks, * dst;
     int64_t DK, DV, rk2, rk3, n_kv;
-    int bits_k, bits_v;
+    const struct tq_fmt * fk, * fv;
     float scale, softcap, max_bias, m0, m1;
     uint32_t n_head_log2;
 };
@@ -383,8 +421,8 @@ static void tq_fa_tile(const struct tq_fa * a, int64_t iq3, int64_t ik2, int64_t
         if (!live) {
             continue;
         }
-        tq_decode_row((const uint8_t *) (kbase + ic*a->k->nb[1]), K32, DK, a->bits_k);
-        tq_decode_row((const uint8_t *) (vbase + ic*a->v->nb[1]), V32, DV, a->bits_v);
+        tq_decode_row((const uint8_t *) (kbase + ic*a->k->nb[1]), K32, DK, a->fk);
+        tq_decode_row((const uint8_t *) (vbase + ic*a->v->nb[1]), V32, DV, a->fv);
         for (int64_t r = 0; r < R; ++r) {
             if (sc[r] == -INFINITY) {
                 continue;
@@ -445,9 +483,9 @@ bool ggml_compute_forward_flash_attn_ext_turbo(const struct ggml_compute_params 
     struct tq_fa a = {
         .q = q, .k = k, .v = v, .mask = dst->src[3], .sinks = dst->src[4], .dst = dst,
         .DK = k->ne[0], .DV = v->ne[0], .n_kv = k->ne[1],
-        .bits_k = tq_fa_bits(k->type), .bits_v = tq_fa_bits(v->type),
+        .fk = tq_fmt_of(k->type), .fv = tq_fmt_of(v->type),
     };
-    if (params->use_ref || !a.bits_k || !a.bits_v || q->type != GGML_TYPE_F32 ||
+    if (params->use_ref || !a.fk || !a.fv || q->type != GGML_TYPE_F32 ||
         (a.mask && a.mask->type != GGML_TYPE_F16) || k->ne[2] != v->ne[2] || k->ne[3] != v->ne[3] ||
         q->ne[2] % k->ne[2] != 0 || q->ne[3] % k->ne[3] != 0 || a.DK % 16 != 0 || a.DV % 16 != 0 ||
         q->nb[0] != sizeof(float) || dst->nb[0] != sizeof(float)) {

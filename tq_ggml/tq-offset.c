@@ -58,7 +58,7 @@ struct ggml_tensor * ggml_turbo_k_rot(struct ggml_context * ctx, struct ggml_ten
     GGML_ASSERT(k_off || mode == 0);
     GGML_ASSERT(!k_off || (k_off->type == GGML_TYPE_F32 && ggml_is_contiguous(k_off)));
     GGML_ASSERT(!k_off || (k_off->ne[0] == n && x->ne[1] % k_off->ne[1] == 0 && k_off->ne[2] == 2));
-    GGML_ASSERT(nrot == 0 || (nrot >= 32 && (nrot & (nrot - 1)) == 0 && n % nrot == 0));
+    GGML_ASSERT(nrot == 0 || (nrot >= 16 && (nrot & (nrot - 1)) == 0 && n % nrot == 0));
 
     struct ggml_tensor * result = ggml_new_tensor(ctx, GGML_TYPE_F32, GGML_MAX_DIMS, x->ne);
     const int32_t params[2] = { nrot, mode };

@@ -10,7 +10,7 @@
 #include <math.h>
 #include <string.h>
 
-static_assert(TQ_CODEBOOK_DIM == QK_TQ, "codebooks must be solved for the block dimension");
+static_assert(TQ_CODEBOOK_DIM == QK_TQ && TQ16_CODEBOOK_DIM == QK_TQ16, "codebooks must be solved for the block dimension");
 
 // largest finite fp16: a larger finite scale is clamped to it; NaN and inf (from NaN/inf inputs)
 // are stored as they are, so ggml_validate_row_data flags the row
@@ -24,7 +24,7 @@ static inline void tq_store_group(uint8_t * p, uint32_t w, int bits) {
 
 // Indices of one block for the scale s: value i gets #(x_i > boundary_j*s). Products, not a
 // division by s: a product is exactly rounded on every backend, a fast-math division is not.
-static inline void tq_block_indices(const float * GGML_RESTRICT x, float s, int bits, const float * boundaries,
+static inline void tq_block_indices(const float * GGML_RESTRICT x, int qk, float s, int bits, const float * boundaries,
                                     uint8_t * GGML_RESTRICT idx) {
     const int nb = (1 << bits) - 1;
 
@@ -32,7 +32,7 @@ static inline void tq_block_indices(const float * GGML_RESTRICT x, float s, int 
     for (int j = 0; j < nb; ++j) {
         thr[j] = boundaries[j] * s;
     }
-    for (int i = 0; i < QK_TQ; ++i) {
+    for (int i = 0; i < qk; ++i) {
         uint8_t k = 0;
         for (int j = 0; j < nb; ++j) {
             k += x[i] > thr[j];
@@ -48,28 +48,28 @@ static inline void tq_block_indices(const float * GGML_RESTRICT x, float s, int 
 // candidate must beat the best by a relative TQ_SCALE_TIE, far above the rounding of the float64
 // sums, so exact ties (a constant block gains the same at every scale) resolve to the first one
 // on every backend. The decoder is the paper's: y_i = d * centroid[idx_i].
-static inline void tq_quantize_block(const float * GGML_RESTRICT x, ggml_half * d, uint8_t * GGML_RESTRICT qs,
+static inline void tq_quantize_block(const float * GGML_RESTRICT x, int qk, ggml_half * d, uint8_t * GGML_RESTRICT qs,
                               int bits, const float * boundaries, const float * centroids) {
     double sumsq = 0.0;
-    for (int i = 0; i < QK_TQ; ++i) {
+    for (int i = 0; i < qk; ++i) {
         sumsq += (double) x[i] * (double) x[i];
     }
     const float norm = (float) sqrt(sumsq);
 
-    uint8_t idx[QK_TQ];
+    uint8_t idx[QK_TQ];  // qk <= QK_TQ
     uint8_t best[QK_TQ];
     float   scale = norm;
 
     if (!(norm > 0.0f && isfinite(norm))) {
         // zero, inf and NaN norms: the paper's encoding (inf/NaN are kept for row validation)
-        tq_block_indices(x, norm, bits, boundaries, best);
+        tq_block_indices(x, qk, norm, bits, boundaries, best);
     } else {
         double best_gain = -1.0;
         for (int s = 0; s < TQ_SCALE_STEPS; ++s) {
-            tq_block_indices(x, norm * ((float) (TQ_SCALE_MIN + s) / TQ_SCALE_DIV), bits, boundaries, idx);
+            tq_block_indices(x, qk, norm * ((float) (TQ_SCALE_MIN + s) / TQ_SCALE_DIV), bits, boundaries, idx);
             double xc = 0.0;
             double cc = 0.0;
-            for (int i = 0; i < QK_TQ; ++i) {
+            for (int i = 0; i < qk; ++i) {
                 const double c = centroids[idx[i]];
                 xc += (double) x[i] * c;
                 cc += c * c;
@@ -78,12 +78,12 @@ static inline void tq_quantize_block(const float * GGML_RESTRICT x, ggml_half * 
             if (gain > best_gain*(1.0 + TQ_SCALE_TIE)) {
                 best_gain = gain;
                 scale     = (float) (xc/cc);
-                memcpy(best, idx, sizeof(idx));
+                memcpy(best, idx, qk);
             }
         }
     }
 
-    for (int g = 0; g < QK_TQ/8; ++g) {
+    for (int g = 0; g < qk/8; ++g) {
         uint32_t w = 0;
         for (int l = 0; l < 8; ++l) {
             w |= (uint32_t) best[8*g + l] << (bits*l);
@@ -95,11 +95,11 @@ static inline void tq_quantize_block(const float * GGML_RESTRICT x, ggml_half * 
 }
 
 static inline void tq_dequantize_block(ggml_half d16, const uint8_t * GGML_RESTRICT qs, float * GGML_RESTRICT y,
-                                int bits, const float * centroids) {
+                                int qk, int bits, const float * centroids) {
     const float d = GGML_FP16_TO_FP32(d16);
     const uint32_t mask = (1u << bits) - 1;
 
-    for (int g = 0; g < QK_TQ/8; ++g) {
+    for (int g = 0; g < qk/8; ++g) {
         const uint32_t w = tq_load_group(qs + bits*g, bits);
         for (int l = 0; l < 8; ++l) {
             y[8*g + l] = d * centroids[(w >> (bits*l)) & mask];
@@ -107,33 +107,36 @@ static inline void tq_dequantize_block(ggml_half d16, const uint8_t * GGML_RESTR
     }
 }
 
-#define TQ_DEFINE_ROW_FUNCS(BITS)                                                                          \
-void quantize_row_turbo##BITS##_0_ref(const float * GGML_RESTRICT x, block_turbo##BITS##_0 * GGML_RESTRICT y, int64_t k) { \
-    assert(k % QK_TQ == 0);                                                                                \
-    for (int64_t i = 0; i < k/QK_TQ; ++i) {                                                                \
-        tq_quantize_block(x + i*QK_TQ, &y[i].d, y[i].qs, BITS, tq_boundaries_##BITS, tq_centroids_##BITS); \
+// NAME: turboB_0 (blocks of QK_TQ, codebooks tq_*) or turboB_0_b16 (QK_TQ16, tq16_*)
+#define TQ_DEFINE_ROW_FUNCS(NAME, TYPE, QK, BITS, CB)                                                      \
+void quantize_row_##NAME##_ref(const float * GGML_RESTRICT x, block_##NAME * GGML_RESTRICT y, int64_t k) { \
+    assert(k % QK == 0);                                                                                   \
+    for (int64_t i = 0; i < k/QK; ++i) {                                                                   \
+        tq_quantize_block(x + i*QK, QK, &y[i].d, y[i].qs, BITS, CB##_boundaries_##BITS, CB##_centroids_##BITS); \
     }                                                                                                      \
 }                                                                                                          \
-void dequantize_row_turbo##BITS##_0(const block_turbo##BITS##_0 * GGML_RESTRICT x, float * GGML_RESTRICT y, int64_t k) { \
-    assert(k % QK_TQ == 0);                                                                                \
-    for (int64_t i = 0; i < k/QK_TQ; ++i) {                                                                \
-        tq_dequantize_block(x[i].d, x[i].qs, y + i*QK_TQ, BITS, tq_centroids_##BITS);                      \
+void dequantize_row_##NAME(const block_##NAME * GGML_RESTRICT x, float * GGML_RESTRICT y, int64_t k) {     \
+    assert(k % QK == 0);                                                                                   \
+    for (int64_t i = 0; i < k/QK; ++i) {                                                                   \
+        tq_dequantize_block(x[i].d, x[i].qs, y + i*QK, QK, BITS, CB##_centroids_##BITS);                   \
     }                                                                                                      \
 }                                                                                                          \
-size_t quantize_turbo##BITS##_0(const float * GGML_RESTRICT src, void * GGML_RESTRICT dst, int64_t nrows, \
-                                int64_t n_per_row, const float * imatrix) {                                \
+size_t quantize_##NAME(const float * GGML_RESTRICT src, void * GGML_RESTRICT dst, int64_t nrows,           \
+                       int64_t n_per_row, const float * imatrix) {                                         \
     GGML_UNUSED(imatrix); /* data-oblivious: the codebook does not depend on the data */                   \
-    const size_t row_size = ggml_row_size(GGML_TYPE_TURBO##BITS##_0, n_per_row);                           \
+    const size_t row_size = ggml_row_size(TYPE, n_per_row);                                                \
     for (int64_t r = 0; r < nrows; ++r) {                                                                  \
-        quantize_row_turbo##BITS##_0_ref(src + r*n_per_row,                                                \
-            (block_turbo##BITS##_0 *) ((char *) dst + r*row_size), n_per_row);                             \
+        quantize_row_##NAME##_ref(src + r*n_per_row, (block_##NAME *) ((char *) dst + r*row_size), n_per_row); \
     }                                                                                                      \
     return nrows*row_size;                                                                                 \
 }
 
-TQ_DEFINE_ROW_FUNCS(2)
-TQ_DEFINE_ROW_FUNCS(3)
-TQ_DEFINE_ROW_FUNCS(4)
+TQ_DEFINE_ROW_FUNCS(turbo2_0,     GGML_TYPE_TURBO2_0,     QK_TQ,   2, tq)
+TQ_DEFINE_ROW_FUNCS(turbo3_0,     GGML_TYPE_TURBO3_0,     QK_TQ,   3, tq)
+TQ_DEFINE_ROW_FUNCS(turbo4_0,     GGML_TYPE_TURBO4_0,     QK_TQ,   4, tq)
+TQ_DEFINE_ROW_FUNCS(turbo2_0_b16, GGML_TYPE_TURBO2_0_B16, QK_TQ16, 2, tq16)
+TQ_DEFINE_ROW_FUNCS(turbo3_0_b16, GGML_TYPE_TURBO3_0_B16, QK_TQ16, 3, tq16)
+TQ_DEFINE_ROW_FUNCS(turbo4_0_b16, GGML_TYPE_TURBO4_0_B16, QK_TQ16, 4, tq16)
 
 // Cache-type names. ggml's own "tq1_0"/"tq2_0" are ternary weight types; as KV-cache types the
 // tqN_0 names select TurboQuant (ternary weights were never valid cache types).
@@ -141,6 +144,9 @@ enum ggml_type ggml_turbo_type_from_name(const char * name) {
     static const struct { const char * name; enum ggml_type type; } names[] = {
         { "tq2_0",    GGML_TYPE_TURBO2_0 }, { "tq3_0",    GGML_TYPE_TURBO3_0 }, { "tq4_0",    GGML_TYPE_TURBO4_0 },
         { "turbo2_0", GGML_TYPE_TURBO2_0 }, { "turbo3_0", GGML_TYPE_TURBO3_0 }, { "turbo4_0", GGML_TYPE_TURBO4_0 },
+        { "tq2_0_b16", GGML_TYPE_TURBO2_0_B16 }, { "tq3_0_b16", GGML_TYPE_TURBO3_0_B16 }, { "tq4_0_b16", GGML_TYPE_TURBO4_0_B16 },
+        { "turbo2_0_b16", GGML_TYPE_TURBO2_0_B16 }, { "turbo3_0_b16", GGML_TYPE_TURBO3_0_B16 },
+        { "turbo4_0_b16", GGML_TYPE_TURBO4_0_B16 },
     };
     for (size_t i = 0; i < sizeof(names)/sizeof(names[0]); ++i) {
         if (strcmp(name, names[i].name) == 0) {
@@ -155,6 +161,24 @@ const char * ggml_turbo_type_desc(enum ggml_type type) {
         case GGML_TYPE_TURBO2_0: return "TurboQuant tq2_0 (2-bit Lloyd-Max, 2.25 bits/value)";
         case GGML_TYPE_TURBO3_0: return "TurboQuant tq3_0 (3-bit Lloyd-Max, 3.25 bits/value)";
         case GGML_TYPE_TURBO4_0: return "TurboQuant tq4_0 (4-bit Lloyd-Max, 4.25 bits/value)";
+        case GGML_TYPE_TURBO2_0_B16: return "TurboQuant tq2_0 in blocks of 16 (2-bit Lloyd-Max, 3 bits/value)";
+        case GGML_TYPE_TURBO3_0_B16: return "TurboQuant tq3_0 in blocks of 16 (3-bit Lloyd-Max, 4 bits/value)";
+        case GGML_TYPE_TURBO4_0_B16: return "TurboQuant tq4_0 in blocks of 16 (4-bit Lloyd-Max, 5 bits/value)";
         default:                 return NULL;
     }
+}
+
+enum ggml_type ggml_turbo_type_for_head(enum ggml_type type, int64_t n) {
+    static const enum ggml_type forms[][2] = {
+        { GGML_TYPE_TURBO2_0, GGML_TYPE_TURBO2_0_B16 },
+        { GGML_TYPE_TURBO3_0, GGML_TYPE_TURBO3_0_B16 },
+        { GGML_TYPE_TURBO4_0, GGML_TYPE_TURBO4_0_B16 },
+    };
+    for (size_t i = 0; i < sizeof(forms)/sizeof(forms[0]); ++i) {
+        if (type == forms[i][0] || type == forms[i][1]) {
+            return n > 0 && n % QK_TQ   == 0 ? forms[i][0] :
+                   n > 0 && n % QK_TQ16 == 0 ? forms[i][1] : GGML_TYPE_COUNT;
+        }
+    }
+    return GGML_TYPE_COUNT;
 }

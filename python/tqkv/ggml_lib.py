@@ -232,7 +232,8 @@ class Backend:
         type_k/type_v, mask [n_q, n_kv] (added; -inf hides). Returns [n_q, n_head, Dv] F32."""
         q = np.ascontiguousarray(q, np.float32)
         n_q, n_head, d = q.shape
-        dv = v.size // (n_kv * n_head_kv * self.ggml.row_bytes(type_v, 64)) * 64
+        blck = self.ggml.traits(type_v).blck_size
+        dv = v.size // (n_kv * n_head_kv * self.ggml.row_bytes(type_v, blck)) * blck
         # ggml's layouts: q [D, n_q, n_head], k/v [D, n_kv, n_head_kv]; ours have heads inside tokens
         qg = q.transpose(1, 0, 2)
         kg = k.reshape(n_kv, n_head_kv, -1).transpose(1, 0, 2)

@@ -36,6 +36,11 @@ from .types import cache_type
 TQ_TYPES = ("tq2_0", "tq3_0", "tq4_0")
 KV_TYPES = ("f16", "q8_0", *TQ_TYPES)
 PAIRS = [(k, v) for k in KV_TYPES for v in KV_TYPES if k in TQ_TYPES or v in TQ_TYPES]
+# the blocks-of-16 forms, at the head sizes that take them (q8_0 fits only 96 of these)
+B16_TYPES = ("tq2_0_b16", "tq3_0_b16", "tq4_0_b16")
+B16_DIMS = (80, 96, 112)
+B16_PAIRS = [(k, v) for k in ("f16", "q8_0", *B16_TYPES) for v in ("f16", "q8_0", *B16_TYPES)
+             if k in B16_TYPES or v in B16_TYPES]
 TOL_F32, TOL_F16_ACC = 1e-5, 4e-3
 
 
@@ -122,8 +127,8 @@ def _row_sets(real: list[RealLayer], d: int) -> Iterator[tuple[str, np.ndarray]]
 def quantize_checks(be: Backend, real: list[RealLayer]) -> list[Check]:
     """Bytes of every row set through every quantize path, and values through every dequantize path."""
     checks = []
-    for t in TQ_TYPES:
-        tid, bits = cache_type(t).ggml_id, int(t[2])
+    for t in TQ_TYPES + B16_TYPES:
+        tid, bits, qk = cache_type(t).ggml_id, int(t[2]), reference.QK16 if t in B16_TYPES else reference.QK
         paths: dict[str, Callable[[np.ndarray], np.ndarray | None]] = {
             "SET_ROWS": lambda x: be.set_rows(tid, x),
             "CPY f32->": lambda x: be.cpy(TYPE_F32, tid, x, x.shape[1], x.shape[0]),
@@ -131,7 +136,7 @@ def quantize_checks(be: Backend, real: list[RealLayer]) -> list[Check]:
         if be.name == "CPU":
             paths["quantize_row_ref"] = lambda x: be.ggml.quantize(tid, x, "ref")
             paths["quantize_chunk"] = lambda x: be.ggml.quantize(tid, x, "chunk")
-        for d in (64, 128, 256):
+        for d in (64, 128, 256) if qk == reference.QK else (*B16_DIMS, 64):
             sets = list(_row_sets(real, d))
             for op, fn in paths.items():
                 c = Check(be.name, op, t, f"{d} x {len(sets)} sets")
@@ -140,14 +145,14 @@ def quantize_checks(be: Backend, real: list[RealLayer]) -> list[Check]:
                     if got is None:
                         c.status = "unsupported"
                         break
-                    ref = reference.quantize(torch.from_numpy(x), bits).numpy()
+                    ref = reference.quantize(torch.from_numpy(x), bits, qk).numpy()
                     c.add(0.0, int((got != ref).sum()), ref.size)
                 checks.append(c)
             for op in ("GET_ROWS", "CPY ->f32"):
                 c = Check(be.name, op, t, f"{d} x {len(sets)} sets")
                 for _, x in sets:
-                    q = reference.quantize(torch.from_numpy(x), bits).numpy()
-                    ref = reference.dequantize(torch.from_numpy(q), bits).numpy().reshape(x.shape)
+                    q = reference.quantize(torch.from_numpy(x), bits, qk).numpy()
+                    ref = reference.dequantize(torch.from_numpy(q), bits, qk).numpy().reshape(x.shape)
                     got = be.get_rows(tid, q, d) if op == "GET_ROWS" else be.cpy(tid, TYPE_F32, q, d, x.shape[0])
                     if got is None:
                         c.status = "unsupported"
@@ -164,7 +169,7 @@ def _q_as_backend(be: Backend, q: torch.Tensor, type_k: str, scale: float) -> to
     AVX2 quantize_row_q8_0 (x * (127/amax), rounded half to even), not the scalar reference. CUDA's
     vector kernel (1-2 queries) turns scale*Q into q8_1 for a q8_0 K (x / (amax/127), rounded half
     away from zero); its other kernels read Q in float or f16 (inside the f16 tolerance)."""
-    if type_k in TQ_TYPES:
+    if type_k in TQ_TYPES + B16_TYPES:
         return q
     if be.name.startswith("CUDA"):
         if type_k != "q8_0" or q.shape[0] > 2:
@@ -204,11 +209,15 @@ def _fa_case(be: Backend, c: Check, q: torch.Tensor, k: torch.Tensor, v: torch.T
 
 
 def flash_attn_checks(be: Backend, real: list[RealLayer]) -> list[Check]:
-    """Random heads (D 64/128/256, GQA, decode and small batches, masks) and real layers, per type pair."""
+    """Random heads (D 64/128/256, GQA, decode and small batches, masks) and real layers, per type pair;
+    the blocks-of-16 forms on random heads of D 80/96/112."""
     rng = torch.Generator().manual_seed(3)
     checks = []
-    for tk, tv in PAIRS:
-        for d in (64, 128, 256):
+    for tk, tv in PAIRS + B16_PAIRS:
+        b16 = (tk, tv) in B16_PAIRS
+        for d in B16_DIMS if b16 else (64, 128, 256):
+            if any(t == "q8_0" and d % reference.QK8_0 for t in (tk, tv)):
+                continue
             c = Check(be.name, "FLASH_ATTN_EXT", f"{tk}/{tv}", f"D{d} random", tol=_fa_tol(be, tv))
             for n_q, n_head, n_head_kv, n_kv, masked in ((1, 8, 2, 256, False), (1, 4, 1, 512, True),
                                                          (5, 8, 2, 256, True)):
@@ -222,7 +231,7 @@ def flash_attn_checks(be: Backend, real: list[RealLayer]) -> list[Check]:
                 if not _fa_case(be, c, q, k, v, tk, tv, d**-0.5, mask):
                     break
             checks.append(c)
-        for r in real:
+        for r in [] if b16 else real:
             c = Check(be.name, "FLASH_ATTN_EXT", f"{tk}/{tv}", f"{r.model} L{r.layer} (D{r.k.shape[-1]})",
                       tol=_fa_tol(be, tv))
             _fa_case(be, c, r.q[-8:], r.k, r.v, tk, tv, r.scale, r.mask[-8:])  # the last 8 queries of the window

@@ -1,7 +1,8 @@
 """PyTorch reference of the TurboQuant block formats: the readable specification of the bytes.
 
-A row of n values (n a multiple of 64) becomes n/64 blocks of `fp16 d` followed by 64 b-bit
-codebook indices in one little-endian bit stream (index i at bits b*i .. b*i+b-1).
+A row of n values (n a multiple of the block size qk: 64 for tqN_0, 16 for tqN_0_b16) becomes n/qk
+blocks of `fp16 d` followed by qk b-bit codebook indices in one little-endian bit stream (index i
+at bits b*i .. b*i+b-1). The codebook is the one solved for unit vectors in R^qk.
 
     norm       = ||x||, summed in float64 and rounded once to float32
     idx_i(s)   = #{ j : x_i > boundary_j * s }          (products in float32; no division)
@@ -29,26 +30,27 @@ import torch
 from . import sources
 
 QK = 64
+QK16 = 16  # the tqN_0_b16 types: head sizes that are a multiple of 16 but not of 64
 FP16_MAX = 65504.0
 
 
 @cache
-def codebook(bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+def codebook(bits: int, qk: int = QK) -> tuple[torch.Tensor, torch.Tensor]:
     """(centroids, boundaries) as float32, exactly the values compiled into tq-codebooks.h."""
-    cb = json.loads(sources.codebooks_json().read_text())["bits"][str(bits)]
+    cb = json.loads(sources.codebooks_json(qk).read_text())["bits"][str(bits)]
     return (torch.tensor(cb["centroids"], dtype=torch.float32),
             torch.tensor(cb["boundaries"], dtype=torch.float32))
 
 
-def block_bytes(bits: int) -> int:
-    return 2 + QK * bits // 8
+def block_bytes(bits: int, qk: int = QK) -> int:
+    return 2 + qk * bits // 8
 
 
-def _blocks(x: torch.Tensor) -> torch.Tensor:
+def _blocks(x: torch.Tensor, qk: int) -> torch.Tensor:
     x = torch.as_tensor(x, dtype=torch.float32)
-    if x.shape[-1] % QK:
-        raise ValueError(f"row length {x.shape[-1]} is not a multiple of {QK}")
-    return x.reshape(-1, QK)
+    if x.shape[-1] % qk:
+        raise ValueError(f"row length {x.shape[-1]} is not a multiple of {qk}")
+    return x.reshape(-1, qk)
 
 
 SCALE_MIN, SCALE_STEPS, SCALE_DIV, SCALE_TIE = 28, 25, 40.0, 1e-9  # tq-common.h TQ_SCALE_*
@@ -59,13 +61,13 @@ def _indices(blocks: torch.Tensor, scale: torch.Tensor, boundaries: torch.Tensor
     return (blocks[:, :, None] > thresholds[:, None, :]).sum(-1)           # cells below x_i
 
 
-def quantize_indices(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_indices(x: torch.Tensor, bits: int, qk: int = QK) -> tuple[torch.Tensor, torch.Tensor]:
     """Per block: the float32 scale d and the int64 codebook index of every value."""
-    blocks = _blocks(x)
-    centroids, boundaries = codebook(bits)
+    blocks = _blocks(x, qk)
+    centroids, boundaries = codebook(bits, qk)
     norm = blocks.double().square().sum(-1).sqrt().float()
     factors = torch.arange(SCALE_MIN, SCALE_MIN + SCALE_STEPS, dtype=torch.float32) / SCALE_DIV
-    idx = torch.stack([_indices(blocks, norm * f, boundaries) for f in factors])  # [steps, blocks, 64]
+    idx = torch.stack([_indices(blocks, norm * f, boundaries) for f in factors])  # [steps, blocks, qk]
     c = centroids.double()[idx]
     xc = (blocks.double()[None] * c).sum(-1)
     cc = (c * c).sum(-1)
@@ -85,37 +87,38 @@ def quantize_indices(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Te
 def pack(d: torch.Tensor, idx: torch.Tensor, bits: int) -> torch.Tensor:
     """Blocks of (fp16 d, bit-stream indices) as uint8, shape (n_blocks, block_bytes)."""
     d = torch.where((d > FP16_MAX) & ~d.isinf(), torch.tensor(FP16_MAX), d).half()
-    stream = torch.zeros(idx.shape[0], QK * bits // 8, dtype=torch.int64)
-    for i in range(QK):  # index i occupies bits [bits*i, bits*i + bits)
+    qk = idx.shape[1]
+    stream = torch.zeros(idx.shape[0], qk * bits // 8, dtype=torch.int64)
+    for i in range(qk):  # index i occupies bits [bits*i, bits*i + bits)
         for k in range(bits):
             bit = bits * i + k
             stream[:, bit // 8] |= ((idx[:, i] >> k) & 1) << (bit % 8)
     return torch.cat([d.view(torch.uint8).reshape(-1, 2), stream.to(torch.uint8)], dim=1)
 
 
-def quantize(x: torch.Tensor, bits: int) -> torch.Tensor:
+def quantize(x: torch.Tensor, bits: int, qk: int = QK) -> torch.Tensor:
     """Float rows -> the bytes ggml stores (flat uint8)."""
-    d, idx = quantize_indices(x, bits)
+    d, idx = quantize_indices(x, bits, qk)
     return pack(d, idx, bits).reshape(-1)
 
 
-def unpack(data: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+def unpack(data: torch.Tensor, bits: int, qk: int = QK) -> tuple[torch.Tensor, torch.Tensor]:
     """Bytes -> (d as float32, indices)."""
-    blocks = torch.as_tensor(data, dtype=torch.uint8).reshape(-1, block_bytes(bits))
+    blocks = torch.as_tensor(data, dtype=torch.uint8).reshape(-1, block_bytes(bits, qk))
     d = blocks[:, :2].contiguous().view(torch.float16).reshape(-1).float()
     stream = blocks[:, 2:].to(torch.int64)
-    idx = torch.zeros(blocks.shape[0], QK, dtype=torch.int64)
-    for i in range(QK):
+    idx = torch.zeros(blocks.shape[0], qk, dtype=torch.int64)
+    for i in range(qk):
         for k in range(bits):
             bit = bits * i + k
             idx[:, i] |= ((stream[:, bit // 8] >> (bit % 8)) & 1) << k
     return d, idx
 
 
-def dequantize(data: torch.Tensor, bits: int) -> torch.Tensor:
+def dequantize(data: torch.Tensor, bits: int, qk: int = QK) -> torch.Tensor:
     """Bytes -> float32 values (flat), y_i = d * centroid[idx_i]."""
-    centroids, _ = codebook(bits)
-    d, idx = unpack(data, bits)
+    centroids, _ = codebook(bits, qk)
+    d, idx = unpack(data, bits, qk)
     return (d[:, None] * centroids[idx]).reshape(-1)
 
 
@@ -123,7 +126,7 @@ def dequantize(data: torch.Tensor, bits: int) -> torch.Tensor:
 # --- the stock cache types a TQ cache is mixed with, encoded and decoded as ggml does ---
 
 QK8_0 = 32
-ROW_TYPES = ("f16", "q8_0", "tq2_0", "tq3_0", "tq4_0")
+ROW_TYPES = ("f16", "q8_0", "tq2_0", "tq3_0", "tq4_0", "tq2_0_b16", "tq3_0_b16", "tq4_0_b16")
 
 
 def _roundf(x: torch.Tensor) -> torch.Tensor:
@@ -151,6 +154,20 @@ def _tq_bits(type_name: str) -> int:
     return int(type_name[2])
 
 
+def _tq_qk(type_name: str) -> int:
+    return QK16 if type_name.endswith("_b16") else QK
+
+
+def for_head(type_name: str, head_dim: int) -> str:
+    """The form of a cache type that a head of head_dim values is stored in: as llama.cpp, a TQ
+    type whose 64 does not divide the head size takes its blocks-of-16 form."""
+    if type_name.startswith("tq") and head_dim % QK:
+        if head_dim % QK16:
+            raise ValueError(f"head_dim {head_dim} is not a multiple of {QK16}: no TurboQuant form fits it")
+        return type_name.removesuffix("_b16") + "_b16"
+    return type_name
+
+
 def encode(x: torch.Tensor, type_name: str) -> torch.Tensor:
     """Float rows -> the bytes a cache of type_name holds (flat uint8)."""
     if type_name == "f16":
@@ -158,7 +175,7 @@ def encode(x: torch.Tensor, type_name: str) -> torch.Tensor:
     if type_name == "q8_0":
         return _q8_0_quantize(x)
     if type_name in ROW_TYPES:
-        return quantize(x, _tq_bits(type_name))
+        return quantize(x, _tq_bits(type_name), _tq_qk(type_name))
     raise ValueError(f"no reference for cache type {type_name!r}; known: {', '.join(ROW_TYPES)}")
 
 
@@ -169,7 +186,7 @@ def decode(data: torch.Tensor, type_name: str) -> torch.Tensor:
     if type_name == "q8_0":
         return _q8_0_dequantize(data)
     if type_name in ROW_TYPES:
-        return dequantize(data, _tq_bits(type_name))
+        return dequantize(data, _tq_bits(type_name), _tq_qk(type_name))
     raise ValueError(f"no reference for cache type {type_name!r}; known: {', '.join(ROW_TYPES)}")
 
 
@@ -194,16 +211,25 @@ def hadamard(n: int) -> torch.Tensor:
 
 
 def k_rotation_size(head_dim: int) -> int:
-    """llama.cpp rotates K in blocks of the largest power of two (at least 64) dividing head_dim."""
-    if head_dim % 64:
-        raise ValueError(f"head_dim {head_dim} is not a multiple of 64: llama.cpp does not rotate it")
-    n = 64
+    """llama.cpp rotates K in blocks of the largest power of two (at least 64) dividing head_dim; a
+    TQ cache of a head size that is not a multiple of 64 rotates in runs of 16 or 32 (patches/0027)."""
+    if head_dim % 16:
+        raise ValueError(f"head_dim {head_dim} is not a multiple of 16: llama.cpp does not rotate it")
+    n = 64 if head_dim % 64 == 0 else 16
     while head_dim % (2 * n) == 0:
         n *= 2
     return n
 
 
 V_ROTATION_SIZE = 64
+
+
+def v_rotation_size(head_dim: int) -> int:
+    """V is rotated in runs of 64, or of the largest power of two below that divides head_dim."""
+    n = V_ROTATION_SIZE
+    while head_dim % n and n > 16:
+        n //= 2
+    return n
 
 
 def rotate(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -262,7 +288,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, type_k: str, ty
         q, k = rotate(q, n), rotate(k, n)
     if k_offset is not None:
         k = k.double() - k_offset.double()[None]
+    nv = v_rotation_size(v.shape[-1])
     if rot_v:
-        v = rotate(v, V_ROTATION_SIZE)
+        v = rotate(v, nv)
+    type_k, type_v = for_head(type_k, k.shape[-1]), for_head(type_v, v.shape[-1])
     o = flash_attn_ext(q.float(), store(k.float(), type_k), store(v.float(), type_v), scale, mask)
-    return rotate(o, V_ROTATION_SIZE) if rot_v else o
+    return rotate(o, nv) if rot_v else o

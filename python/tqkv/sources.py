@@ -32,5 +32,6 @@ def tq_ggml() -> Path:
     return root() / "tq_ggml"
 
 
-def codebooks_json() -> Path:
-    return root() / "codebooks" / "tq_codebooks.json"
+def codebooks_json(block: int = 64) -> Path:
+    """The codebooks solved for blocks of `block` values (64, or 16 for the tqN_0_b16 types)."""
+    return root() / "codebooks" / ("tq_codebooks.json" if block == 64 else f"tq_codebooks_{block}.json")

@@ -12,19 +12,25 @@ from dataclasses import dataclass
 from . import sources
 
 QK_TQ = 64  # values per block: one fp16 scale + QK_TQ codebook indices
+QK_TQ16 = 16  # the blocks-of-16 forms, for head sizes that are not a multiple of 64
 
 
-def _enum_ids() -> dict[int, int]:
-    """bits -> ggml type id, from the `+ GGML_TYPE_TURBO<b>_0 = <id>,` lines of patches/0001."""
+def _enum_ids() -> dict[str, int]:
+    """"tq<b>_0[_b16]" -> ggml type id, from the `+ GGML_TYPE_TURBO<b>_0[_B16] = <id>,` lines of
+    patches/0001."""
     patch = next(p for p in sources.patches() if p.name.startswith("0001-"))
-    ids = {int(b): int(i) for b, i in re.findall(r"^\+\s*GGML_TYPE_TURBO(\d)_0\s*=\s*(\d+),", patch.read_text(), re.M)}
-    if sorted(ids) != [2, 3, 4]:
-        raise RuntimeError(f"{patch.name}: expected GGML_TYPE_TURBO2_0/3_0/4_0 in the ggml_type enum, found {ids}")
+    found = re.findall(r"^\+\s*GGML_TYPE_TURBO(\d)_0(_B16)?\s*=\s*(\d+),", patch.read_text(), re.M)
+    ids = {f"tq{b}_0{suffix.lower()}": int(i) for b, suffix, i in found}
+    want = [f"tq{b}_0{s}" for s in ("", "_b16") for b in (2, 3, 4)]
+    if sorted(ids) != sorted(want):
+        raise RuntimeError(f"{patch.name}: expected GGML_TYPE_TURBO2_0..4_0 and their _B16 forms in the ggml_type "
+                           f"enum, found {ids}")
     return ids
 
 
 # ggml's own TQ1_0/TQ2_0 (34/35) are ternary weight types and unrelated.
-TQ2_0, TQ3_0, TQ4_0 = (_enum_ids()[b] for b in (2, 3, 4))
+TQ2_0, TQ3_0, TQ4_0 = (_enum_ids()[f"tq{b}_0"] for b in (2, 3, 4))
+TQ2_0_B16, TQ3_0_B16, TQ4_0_B16 = (_enum_ids()[f"tq{b}_0_b16"] for b in (2, 3, 4))
 
 
 @dataclass(frozen=True)
@@ -47,6 +53,9 @@ CACHE_TYPES: dict[str, CacheType] = {
         CacheType("tq4_0", TQ4_0, (16 + QK_TQ * 4) / QK_TQ),
         CacheType("tq3_0", TQ3_0, (16 + QK_TQ * 3) / QK_TQ),
         CacheType("tq2_0", TQ2_0, (16 + QK_TQ * 2) / QK_TQ),
+        CacheType("tq4_0_b16", TQ4_0_B16, (16 + QK_TQ16 * 4) / QK_TQ16),
+        CacheType("tq3_0_b16", TQ3_0_B16, (16 + QK_TQ16 * 3) / QK_TQ16),
+        CacheType("tq2_0_b16", TQ2_0_B16, (16 + QK_TQ16 * 2) / QK_TQ16),
     )
 }
 
