@@ -17,23 +17,26 @@ import pytest
 from tqkv import alloc, cli, profile, quality, runner, types
 
 
-def _costs(n: int, seed: int, widths: tuple[int, ...] | None = None) -> alloc.Costs:
-    """Random costs that fall with bits, as measured ones do (after Costs.monotone)."""
+def _costs(n: int, seed: int, widths: tuple[int, ...] | None = None, heads: tuple[int, ...] | None = None) -> alloc.Costs:
+    """Random costs that fall with bits, as measured ones do (after Costs.monotone); inf for a type
+    that does not fit a layer's head size, as measure() leaves it."""
     rng = np.random.default_rng(seed)
+    heads = heads or (64,) * n
 
     def table() -> dict[str, tuple[float, ...]]:
         base = rng.uniform(0.001, 0.1, n)
         falls = np.cumprod(rng.uniform(0.1, 0.6, (len(alloc.TYPES), n)), 0)
-        return {t: tuple((base * falls[i]).tolist()) for i, t in enumerate(alloc.TYPES)}
+        return {t: tuple(float(c) if alloc.fits(t, h) else float("inf") for c, h in zip(base * falls[i], heads))
+                for i, t in enumerate(alloc.TYPES)}
 
-    return alloc.Costs(tuple(range(n)), widths or (192,) * n, n, 0.0, table(), table())
+    return alloc.Costs(tuple(range(n)), widths or (192,) * n, heads, n, 0.0, table(), table())
 
 
 def _brute_force(costs: alloc.Costs, budget: float) -> float:
     items = [(i, v) for i in range(len(costs.layers)) for v in (False, True)]
     best = float("inf")
     for pick in itertools.product(alloc.TYPES, repeat=len(items)):
-        w = sum(costs.widths[i] * alloc.bits(t) for (i, _), t in zip(items, pick))
+        w = sum(costs.widths[i] * alloc.bits(t, costs.heads[i]) for (i, _), t in zip(items, pick))
         if w <= budget * 2 * sum(costs.widths) + 1e-9:
             best = min(best, sum((costs.v if v else costs.k)[t][i] for (i, v), t in zip(items, pick)))
     return best
@@ -46,6 +49,17 @@ def test_allocation_is_the_cheapest_under_the_budget(budget: float, widths: tupl
     a = alloc.allocate(costs, budget)
     assert alloc.avg_bits(a, costs) <= budget + 1e-9
     assert alloc.predicted(a, costs) == pytest.approx(_brute_force(costs, budget))
+
+
+@pytest.mark.parametrize("budget", [3.0, 3.5, 4.5, 6.0])
+def test_allocation_over_head_sizes_not_a_multiple_of_64(budget: float) -> None:
+    # heads of 80 (blocks of 16: 1 bit more per value, no q8_0) beside heads of 64 and 96 (q8_0 fits 96)
+    costs = _costs(3, seed=int(budget * 10), widths=(160, 128, 192), heads=(80, 64, 96))
+    a = alloc.allocate(costs, budget)
+    assert alloc.avg_bits(a, costs) <= budget + 1e-9
+    assert alloc.predicted(a, costs) == pytest.approx(_brute_force(costs, budget))
+    assert "q8_0" not in (a.k_types[0], a.v_types[0])
+    assert alloc.bits("tq3_0", 80) == 4.0 and alloc.bits("tq3_0", 64) == 3.25 and alloc.bits("q8_0", 80) == float("inf")
 
 
 def test_allocation_spends_bits_where_they_cost_most() -> None:

@@ -29,7 +29,7 @@ import numpy as np
 from tqdm import tqdm
 
 from . import assets, capture, profile, sources
-from .types import TQ2_0, TQ3_0, cache_type
+from .types import TQ2_0, TQ3_0, cache_type, for_head
 
 # the types an allocation chooses from, fewest bits first
 TYPES = ("tq2_0", "tq3_0", "tq4_0", "q8_0")
@@ -41,10 +41,11 @@ class Costs:
 
     layers: tuple[int, ...]              # layers with a KV cache, in order
     widths: tuple[int, ...]              # values per token of each such layer's K (and V) cache
+    heads: tuple[int, ...]               # each such layer's head size (which forms of the types fit it)
     n_layer: int                         # the model's layer count (the profile's arrays span it)
     floor: float                         # KLD with every layer f16 through the TurboQuant cache's transforms
-    k: dict[str, tuple[float, ...]]      # type -> cost per layer of quantizing that layer's K cache, above floor
-    v: dict[str, tuple[float, ...]]
+    k: dict[str, tuple[float, ...]]      # type -> cost per layer of quantizing that layer's K cache, above
+    v: dict[str, tuple[float, ...]]      # floor; inf where the type does not fit the layer's head size
 
     def monotone(self) -> Costs:
         """Costs clamped at 0 and made non-increasing in bits: a type never costs less than one with
@@ -52,19 +53,28 @@ class Costs:
         def fix(c: dict[str, tuple[float, ...]]) -> dict[str, tuple[float, ...]]:
             out, floor = {}, np.zeros(len(self.layers))
             for t in reversed(TYPES):
-                floor = np.maximum(floor, np.maximum(np.asarray(c[t]), 0.0))
-                out[t] = tuple(floor.tolist())
+                cost = np.asarray(c[t], dtype=np.float64)
+                fits = np.isfinite(cost)
+                floor = np.where(fits, np.maximum(floor, np.maximum(cost, 0.0)), floor)
+                out[t] = tuple(np.where(fits, floor, np.inf).tolist())
             return {t: out[t] for t in TYPES}
         return replace(self, k=fix(self.k), v=fix(self.v))
 
 
-def bits(t: str) -> float:
-    return cache_type(t).bits_per_value
+def bits(t: str, head_dim: int = 64) -> float:
+    """Bits per value of type t in a cache of head_dim values per head (inf: t does not fit it)."""
+    form = for_head(t, head_dim)
+    return cache_type(form).bits_per_value if form else math.inf
+
+
+def fits(t: str, head_dim: int) -> bool:
+    return for_head(t, head_dim) is not None
 
 
 def allocate(costs: Costs, budget: float) -> profile.Alloc:
     """The types of least total cost whose average bits per value, weighted by width, is at most budget."""
-    lo, hi = bits(TYPES[0]), bits(TYPES[-1])
+    lo = sum(w * bits(TYPES[0], h) for w, h in zip(costs.widths, costs.heads)) / sum(costs.widths)
+    hi = max(bits(t, h) for t in TYPES for h in costs.heads if fits(t, h))
     if not lo <= budget:
         raise ValueError(f"a budget of {budget} bits per value is below the smallest type ({TYPES[0]}: {lo})")
     c = costs.monotone()
@@ -72,7 +82,7 @@ def allocate(costs: Costs, budget: float) -> profile.Alloc:
     g = reduce(math.gcd, costs.widths)
     items = [(i, v) for i in range(len(costs.layers)) for v in (False, True)]
     units = [costs.widths[i] // g for i, _ in items]
-    qbits = [round(4 * bits(t)) for t in TYPES]
+    qbits = [[round(4 * bits(t, h)) if fits(t, h) else None for t in TYPES] for h in costs.heads]
     cap = int(math.floor(4 * min(budget, hi) * sum(units) + 1e-9))
     inf = float("inf")
     best = np.full(cap + 1, inf)
@@ -82,7 +92,9 @@ def allocate(costs: Costs, budget: float) -> profile.Alloc:
         table = c.v if is_v else c.k
         new = np.full(cap + 1, inf)
         for j, t in enumerate(TYPES):
-            w = qbits[j] * u
+            if qbits[i][j] is None:
+                continue
+            w = qbits[i][j] * u
             if w > cap:
                 continue
             cand = np.full(cap + 1, inf)
@@ -100,18 +112,18 @@ def allocate(costs: Costs, budget: float) -> profile.Alloc:
         i, is_v = items[n]
         j = int(choice[n, end])
         (v_types if is_v else k_types)[costs.layers[i]] = TYPES[j]
-        end -= qbits[j] * units[n]
+        end -= qbits[i][j] * units[n]
     return profile.Alloc(budget, tuple(k_types), tuple(v_types))
 
 
-def _avg_bits(alloc: profile.Alloc, widths: dict[int, int]) -> float:
+def _avg_bits(alloc: profile.Alloc, widths: dict[int, int], heads: dict[int, int]) -> float:
     """Average bits per value of an allocation, each layer weighted by its values per token."""
-    total = sum(w * (bits(alloc.k_types[il]) + bits(alloc.v_types[il])) for il, w in widths.items())
+    total = sum(w * (bits(alloc.k_types[il], heads[il]) + bits(alloc.v_types[il], heads[il])) for il, w in widths.items())
     return total / (2 * sum(widths.values()))
 
 
 def avg_bits(alloc: profile.Alloc, costs: Costs) -> float:
-    return _avg_bits(alloc, dict(zip(costs.layers, costs.widths)))
+    return _avg_bits(alloc, dict(zip(costs.layers, costs.widths)), dict(zip(costs.layers, costs.heads)))
 
 
 def predicted(alloc: profile.Alloc, costs: Costs) -> float:
@@ -210,6 +222,7 @@ def measure(model: Path, base_profile: Path, texts: list[Path], n_ctx: int = 512
     prof = profile.read(base_profile)
     layers = tuple(sorted(prof.layers))
     widths = tuple(int(prof.layers[il][0].size) for il in layers)
+    heads = tuple(int(prof.layers[il][0].shape[-1]) for il in layers)
     data = b"".join(profile.read_text(p) for p in texts)
     key = hashlib.sha256(repr((profile.fingerprint(model), hashlib.sha256(data).hexdigest(),
                                hashlib.sha256(base_profile.read_bytes()).hexdigest(), n_ctx, n_chunks,
@@ -219,7 +232,8 @@ def measure(model: Path, base_profile: Path, texts: list[Path], n_ctx: int = 512
     done_path = cache / f"costs-{model.stem}-{key}.json"
     done: dict[str, float] = json.loads(done_path.read_text()) if done_path.exists() else {}
     # the floor: every layer f16, but through the TurboQuant cache's rotation, key offset and scale
-    jobs = [(-1, "k", "f16")] + [(il, kv, t) for il in layers for kv in ("k", "v") for t in TYPES]
+    jobs = [(-1, "k", "f16")] + [(il, kv, t) for il, h in zip(layers, heads) for kv in ("k", "v") for t in TYPES
+                                 if fits(t, h)]
 
     r = _Runner(model, n_ctx, n_threads, n_gpu_layers)
     try:
@@ -258,9 +272,10 @@ def measure(model: Path, base_profile: Path, texts: list[Path], n_ctx: int = 512
     floor = done[_job(-1, "k", "f16")]
 
     def table(kv: str) -> dict[str, tuple[float, ...]]:
-        return {t: tuple(done[_job(il, kv, t)] - floor for il in layers) for t in TYPES}
+        return {t: tuple(done[_job(il, kv, t)] - floor if fits(t, h) else math.inf for il, h in zip(layers, heads))
+                for t in TYPES}
 
-    return Costs(layers, widths, prof.n_layer, floor, table("k"), table("v"))
+    return Costs(layers, widths, heads, prof.n_layer, floor, table("k"), table("v"))
 
 
 def _quantizers_digest() -> str:
@@ -305,7 +320,8 @@ def profile_bits(path: Path) -> float:
     prof = profile.read(path)
     if not prof.alloc:
         raise ValueError(f"{path}: a profile without a bit allocation")
-    return _avg_bits(prof.alloc, {il: int(k_mean.size) for il, (k_mean, _) in prof.layers.items()})
+    return _avg_bits(prof.alloc, {il: int(k_mean.size) for il, (k_mean, _) in prof.layers.items()},
+                     {il: int(k_mean.shape[-1]) for il, (k_mean, _) in prof.layers.items()})
 
 def ensure(model: Path, budget: float) -> Path:
     """The model's allocated profile for budget (alloc_path), made with the default calibration text

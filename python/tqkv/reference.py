@@ -27,7 +27,7 @@ from functools import cache
 
 import torch
 
-from . import sources
+from . import sources, types
 
 QK = 64
 QK16 = 16  # the tqN_0_b16 types: head sizes that are a multiple of 16 but not of 64
@@ -159,13 +159,11 @@ def _tq_qk(type_name: str) -> int:
 
 
 def for_head(type_name: str, head_dim: int) -> str:
-    """The form of a cache type that a head of head_dim values is stored in: as llama.cpp, a TQ
-    type whose 64 does not divide the head size takes its blocks-of-16 form."""
-    if type_name.startswith("tq") and head_dim % QK:
-        if head_dim % QK16:
-            raise ValueError(f"head_dim {head_dim} is not a multiple of {QK16}: no TurboQuant form fits it")
-        return type_name.removesuffix("_b16") + "_b16"
-    return type_name
+    """The form of a cache type that a head of head_dim values is stored in (types.for_head)."""
+    name = types.for_head(type_name, head_dim)
+    if name is None:
+        raise ValueError(f"no form of cache type {type_name} fits head_dim {head_dim}")
+    return name
 
 
 def encode(x: torch.Tensor, type_name: str) -> torch.Tensor:

@@ -60,6 +60,16 @@ CACHE_TYPES: dict[str, CacheType] = {
 }
 
 
+def for_head(name: str, head_dim: int) -> str | None:
+    """The form of cache type `name` that stores heads of head_dim values, as the patched llama.cpp
+    picks it: a TurboQuant type whose 64 does not divide the head takes its blocks-of-16 form;
+    None where no form fits (a block that does not divide the head)."""
+    if name.startswith("tq") and head_dim % QK_TQ:
+        return name.removesuffix("_b16") + "_b16" if head_dim % QK_TQ16 == 0 else None
+    block = {"q8_0": 32, "q5_1": 32, "q5_0": 32, "q4_1": 32, "q4_0": 32, "iq4_nl": 32}.get(name, 1)
+    return name if head_dim % block == 0 else None
+
+
 def cache_type(name: str) -> CacheType:
     """Look a cache type up by its command-line name, with a clear error for unknown names."""
     try:
