@@ -23,9 +23,9 @@ import gguf
 from tqdm import tqdm
 
 from . import alloc, assets, build, plot, profile, runner
-from .types import TQ2_0, TQ3_0, TQ4_0, cache_type
+from .types import TQ2_0, TQ2_0_B16, TQ3_0, TQ3_0_B16, TQ4_0, TQ4_0_B16, cache_type, for_head
 
-TQ_IDS = (TQ2_0, TQ3_0, TQ4_0)
+TQ_IDS = (TQ2_0, TQ3_0, TQ4_0, TQ2_0_B16, TQ3_0_B16, TQ4_0_B16)
 
 
 _FIELDS = {
@@ -96,18 +96,21 @@ class Config:
             return {"LLAMA_TQ_BOUNDARY_LAYERS": str(self.boundary)}
         return FLAGS.get(self.flag, {})
 
-    def bits(self, n_layer: int) -> float:
-        """Bits per value, K and V averaged over the model's n_layer layers (all of them hold a cache);
-        an allocated configuration's come from its profile (alloc.profile_bits)."""
+    def bits(self, n_layer: int, head_dim: int = 64) -> float:
+        """Bits per value, K and V averaged over the model's n_layer layers (all of them hold a cache)
+        of head_dim values per head (a TQ type's blocks-of-16 form where 64 does not divide it); an
+        allocated configuration's come from its profile (alloc.profile_bits)."""
         if self.budget:
             raise ValueError(f"{self.name}: the bits of an allocation are the profile's")
         n_q8 = min(2 * self.boundary, n_layer)
 
         def per_value(name: str) -> float:
-            t = cache_type(name)
+            t = cache_type(for_head(name, head_dim) or name)
             if t.ggml_id not in TQ_IDS:
                 return t.bits_per_value
-            return ((n_layer - n_q8) * t.bits_per_value + n_q8 * cache_type("q8_0").bits_per_value) / n_layer
+            # a boundary layer is q8_0 where q8_0 fits the head, else it keeps the TQ type
+            boundary = cache_type("q8_0" if for_head("q8_0", head_dim) else t.name).bits_per_value
+            return ((n_layer - n_q8) * t.bits_per_value + n_q8 * boundary) / n_layer
 
         return (per_value(self.k) + per_value(self.v)) / 2
 
@@ -167,7 +170,8 @@ def score(model: Path, base: Path, cfg: Config, cache: Path, ctx: int, kv_profil
         if not m:
             raise RuntimeError(f"no {field} in llama-perplexity output for {cfg.name}:\n{log[-3000:]}")
         vals[field] = float(m.group(1))
-    bits = alloc.profile_bits(kv_profile) if cfg.budget else cfg.bits(layer_count(model))
+    head_dim = int(next(iter(profile.read(kv_profile).layers.values()))[0].shape[-1])
+    bits = alloc.profile_bits(kv_profile) if cfg.budget else cfg.bits(layer_count(model), head_dim)
     s = Score(cfg.name, bits, **vals)
     out.write_text(json.dumps(asdict(s)))
     return s
