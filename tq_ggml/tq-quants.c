@@ -176,7 +176,8 @@ enum ggml_type ggml_turbo_type_for_head(enum ggml_type type, int64_t n) {
     };
     for (size_t i = 0; i < sizeof(forms)/sizeof(forms[0]); ++i) {
         if (type == forms[i][0] || type == forms[i][1]) {
-            return n > 0 && n % QK_TQ   == 0 ? forms[i][0] :
+            // a form asked for by name keeps its block where that divides the head
+            return n > 0 && n % ggml_blck_size(type) == 0 ? type :
                    n > 0 && n % QK_TQ16 == 0 ? forms[i][1] : GGML_TYPE_COUNT;
         }
     }
