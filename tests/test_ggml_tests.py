@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-TQ = ("turbo2_0", "turbo3_0", "turbo4_0", "turbo2_0_b16", "turbo3_0_b16", "turbo4_0_b16")
+TQ = tuple(f"turbo{b}_0{form}" for form in ("", "_b32", "_b16") for b in (2, 3, 4))
 
 
 def test_quantize_fns(bin_dir: Path) -> None:
@@ -29,8 +29,8 @@ def test_quantize_fns(bin_dir: Path) -> None:
 # patches/0015), every case of which is ours
 CASES = {"SET_ROWS": 21, "GET_ROWS": 9, "CPY": 30, "FLASH_ATTN_EXT": 189, "TURBO_K_ROT": 28, "TURBO_K_ROT_SET_ROWS": 30,
          "TURBO_FATTN_FUSED": 23}
-# and the blocks-of-16 forms at head sizes 80/96/112 (CPU kernels only)
-B16_CASES = {"SET_ROWS": 18, "GET_ROWS": 9, "CPY": 27, "FLASH_ATTN_EXT": 108}
+# and the forms in blocks of 16 (head sizes 80/96/112) and 32 (96), CPU kernels only
+SMALL_CASES = {"SET_ROWS": 24, "GET_ROWS": 12, "CPY": 36, "FLASH_ATTN_EXT": 156}
 
 
 def run_backend_ops(bin_dir: Path, backend: str, op: str, n: int) -> str:
@@ -49,6 +49,6 @@ def test_backend_ops(bin_dir: Path, op: str) -> None:
     # without a GPU the only backend is the CPU, which test-backend-ops compares with itself: this
     # runs every TurboQuant case through the CPU support check and kernels (crash, abort, NaN);
     # on the GPU machine the same command compares CUDA with the CPU
-    n = CASES[op] + B16_CASES.get(op, 0)
+    n = CASES[op] + SMALL_CASES.get(op, 0)
     out = run_backend_ops(bin_dir, "CPU", op, n)
     assert len(re.findall(rf"^\s+{op}\(.*\): OK$", out, re.M)) == n, out[-4000:]

@@ -60,7 +60,7 @@ def test_quantize_and_dequantize_paths(cpu: Backend, real: list[parity.RealLayer
 
 def test_flash_attn_ext(cpu: Backend, real: list[parity.RealLayer]) -> None:
     checks = parity.flash_attn_checks(cpu, real)
-    assert len({c.types for c in checks}) == len(parity.PAIRS) + len(parity.B16_PAIRS) == 21 + 21
+    assert len({c.types for c in checks}) == len(parity.PAIRS) + len(parity.SMALL_PAIRS) == 21 + 60
     failed = [c for c in checks if c.status != "pass"]
     assert not failed, parity.report(failed)
 

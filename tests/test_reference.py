@@ -11,8 +11,9 @@ import torch
 from tqkv import reference, types
 from tqkv.ggml_lib import Ggml
 
-# (bits, block size) -> ggml type: tqN_0 and the blocks-of-16 forms tqN_0_b16
+# (bits, block size) -> ggml type: tqN_0 and its forms tqN_0_b32, tqN_0_b16
 TYPES = {(2, 64): types.TQ2_0, (3, 64): types.TQ3_0, (4, 64): types.TQ4_0,
+         (2, 32): types.TQ2_0_B32, (3, 32): types.TQ3_0_B32, (4, 32): types.TQ4_0_B32,
          (2, 16): types.TQ2_0_B16, (3, 16): types.TQ3_0_B16, (4, 16): types.TQ4_0_B16}
 
 
@@ -35,7 +36,7 @@ def rows() -> dict[str, np.ndarray]:
     }
 
 
-@pytest.mark.parametrize("qk", [64, 16])
+@pytest.mark.parametrize("qk", [64, 32, 16])
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("kind", list(rows()))
 def test_bytes_and_values_match(ggml: Ggml, bits: int, qk: int, kind: str) -> None:
@@ -46,7 +47,7 @@ def test_bytes_and_values_match(ggml: Ggml, bits: int, qk: int, kind: str) -> No
     np.testing.assert_array_equal(ggml.dequantize(t, ref, x.size), reference.dequantize(torch.from_numpy(ref), bits, qk).numpy())
 
 
-@pytest.mark.parametrize("qk", [64, 16])
+@pytest.mark.parametrize("qk", [64, 32, 16])
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_nan_and_inf_propagate_to_the_norm(ggml: Ggml, bits: int, qk: int) -> None:
     x = np.ones((2, qk), np.float32)
@@ -57,12 +58,12 @@ def test_nan_and_inf_propagate_to_the_norm(ggml: Ggml, bits: int, qk: int) -> No
     assert np.isnan(d[0]) and np.isinf(d[1])  # flagged by ggml_validate_row_data, not silently finite
 
 
-@pytest.mark.parametrize("qk", [64, 16])
+@pytest.mark.parametrize("qk", [64, 32, 16])
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_vec_dot_matches_reference(ggml: Ggml, bits: int, qk: int) -> None:
     # the AVX2 dot of a quantized row with an F32 query sums in another order than float64
     rng = np.random.default_rng(bits)
-    for n in (64, 128, 256) if qk == 64 else (16, 80, 96, 112):
+    for n in (64, 128, 256) if qk == 64 else (qk, 96, 160) if qk == 32 else (16, 80, 96, 112):
         x, y = rng.standard_normal(n).astype(np.float32), rng.standard_normal(n).astype(np.float32)
         q = ggml.quantize(TYPES[bits, qk], x, "cpu")
         deq = reference.dequantize(torch.from_numpy(q), bits, qk).double()
@@ -76,7 +77,7 @@ def test_row_length_must_be_a_multiple_of_the_block() -> None:
         reference.quantize(torch.zeros(96), 3)
 
 
-@pytest.mark.parametrize("qk", [64, 16])
+@pytest.mark.parametrize("qk", [64, 32, 16])
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_scale_search_never_loses_to_the_paper_encoder(ggml: Ggml, bits: int, qk: int) -> None:
     # the candidates include the paper's s = ||x||, and the stored d is least squares for the

@@ -15,8 +15,10 @@
 #pragma once
 
 #define QK_TQ 64
-// the small block of the tqN_0_b16 types: the same format over 16 values, for head sizes that are
-// a multiple of 16 but not of 64 (80, 96, 112); its fp16 scale costs 1 bit per value, not 0.25
+// the smaller blocks of the tqN_0_b32 and tqN_0_b16 forms: the same format over 32 or 16 values, for
+// head sizes that are not a multiple of 64 (96: 32; 80, 112: 16); the fp16 scale then costs 0.5 or
+// 1 bit per value, not 0.25
+#define QK_TQ32 32
 #define QK_TQ16 16
 
 // encoder scale search: boundaries scaled by (TQ_SCALE_MIN + s)/TQ_SCALE_DIV * ||x||, s < TQ_SCALE_STEPS
@@ -42,6 +44,24 @@ typedef struct {
     uint8_t qs[QK_TQ * 4 / 8]; // 4-bit indices
 } block_turbo4_0;
 static_assert(sizeof(block_turbo4_0) == sizeof(ggml_half) + QK_TQ * 4 / 8, "wrong turbo4_0 block size/padding");
+
+typedef struct {
+    ggml_half d;
+    uint8_t qs[QK_TQ32 * 2 / 8];
+} block_turbo2_0_b32;
+static_assert(sizeof(block_turbo2_0_b32) == sizeof(ggml_half) + QK_TQ32 * 2 / 8, "wrong turbo2_0_b32 block size/padding");
+
+typedef struct {
+    ggml_half d;
+    uint8_t qs[QK_TQ32 * 3 / 8];
+} block_turbo3_0_b32;
+static_assert(sizeof(block_turbo3_0_b32) == sizeof(ggml_half) + QK_TQ32 * 3 / 8, "wrong turbo3_0_b32 block size/padding");
+
+typedef struct {
+    ggml_half d;
+    uint8_t qs[QK_TQ32 * 4 / 8];
+} block_turbo4_0_b32;
+static_assert(sizeof(block_turbo4_0_b32) == sizeof(ggml_half) + QK_TQ32 * 4 / 8, "wrong turbo4_0_b32 block size/padding");
 
 typedef struct {
     ggml_half d;

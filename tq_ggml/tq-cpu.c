@@ -141,7 +141,7 @@ static void tq_quantize_row(const float * GGML_RESTRICT x, uint8_t * GGML_RESTRI
     }
 }
 
-// NAME: turboB_0 or turboB_0_b16 (block QK, codebooks CB: tq or tq16)
+// NAME: turboB_0, turboB_0_b32 or turboB_0_b16 (block QK, codebooks CB: tq, tq32 or tq16)
 #define TQ_DEFINE_QUANTIZE_ROW(NAME, QK, BITS, CB)                                                         \
 static void tq_quantize_ref_##NAME(const float * GGML_RESTRICT x, uint8_t * GGML_RESTRICT y, int64_t k) {  \
     quantize_row_##NAME##_ref(x, (block_##NAME *) y, k);                                                   \
@@ -159,6 +159,9 @@ void quantize_row_##NAME(const float * GGML_RESTRICT x, void * GGML_RESTRICT y, 
 TQ_DEFINE_QUANTIZE_ROW(turbo2_0,     QK_TQ,   2, tq)
 TQ_DEFINE_QUANTIZE_ROW(turbo3_0,     QK_TQ,   3, tq)
 TQ_DEFINE_QUANTIZE_ROW(turbo4_0,     QK_TQ,   4, tq)
+TQ_DEFINE_QUANTIZE_ROW(turbo2_0_b32, QK_TQ32, 2, tq32)
+TQ_DEFINE_QUANTIZE_ROW(turbo3_0_b32, QK_TQ32, 3, tq32)
+TQ_DEFINE_QUANTIZE_ROW(turbo4_0_b32, QK_TQ32, 4, tq32)
 TQ_DEFINE_QUANTIZE_ROW(turbo2_0_b16, QK_TQ16, 2, tq16)
 TQ_DEFINE_QUANTIZE_ROW(turbo3_0_b16, QK_TQ16, 3, tq16)
 TQ_DEFINE_QUANTIZE_ROW(turbo4_0_b16, QK_TQ16, 4, tq16)
@@ -211,6 +214,9 @@ void ggml_vec_dot_##NAME##_f32(int n, float * GGML_RESTRICT s, size_t bs, const 
 TQ_DEFINE_VEC_DOT(turbo2_0,     QK_TQ,   2, tq)
 TQ_DEFINE_VEC_DOT(turbo3_0,     QK_TQ,   3, tq)
 TQ_DEFINE_VEC_DOT(turbo4_0,     QK_TQ,   4, tq)
+TQ_DEFINE_VEC_DOT(turbo2_0_b32, QK_TQ32, 2, tq32)
+TQ_DEFINE_VEC_DOT(turbo3_0_b32, QK_TQ32, 3, tq32)
+TQ_DEFINE_VEC_DOT(turbo4_0_b32, QK_TQ32, 4, tq32)
 TQ_DEFINE_VEC_DOT(turbo2_0_b16, QK_TQ16, 2, tq16)
 TQ_DEFINE_VEC_DOT(turbo3_0_b16, QK_TQ16, 3, tq16)
 TQ_DEFINE_VEC_DOT(turbo4_0_b16, QK_TQ16, 4, tq16)
@@ -292,6 +298,9 @@ static void tq_dequantize_##NAME(const void * GGML_RESTRICT x, float * GGML_REST
 TQ_DEQUANTIZE(turbo2_0)
 TQ_DEQUANTIZE(turbo3_0)
 TQ_DEQUANTIZE(turbo4_0)
+TQ_DEQUANTIZE(turbo2_0_b32)
+TQ_DEQUANTIZE(turbo3_0_b32)
+TQ_DEQUANTIZE(turbo4_0_b32)
 TQ_DEQUANTIZE(turbo2_0_b16)
 TQ_DEQUANTIZE(turbo3_0_b16)
 TQ_DEQUANTIZE(turbo4_0_b16)
@@ -301,6 +310,9 @@ static const struct tq_fmt * tq_fmt_of(enum ggml_type t) {
         { 2, QK_TQ,   tq_centroids_2,   tq_dequantize_turbo2_0     },
         { 3, QK_TQ,   tq_centroids_3,   tq_dequantize_turbo3_0     },
         { 4, QK_TQ,   tq_centroids_4,   tq_dequantize_turbo4_0     },
+        { 2, QK_TQ32, tq32_centroids_2, tq_dequantize_turbo2_0_b32 },
+        { 3, QK_TQ32, tq32_centroids_3, tq_dequantize_turbo3_0_b32 },
+        { 4, QK_TQ32, tq32_centroids_4, tq_dequantize_turbo4_0_b32 },
         { 2, QK_TQ16, tq16_centroids_2, tq_dequantize_turbo2_0_b16 },
         { 3, QK_TQ16, tq16_centroids_3, tq_dequantize_turbo3_0_b16 },
         { 4, QK_TQ16, tq16_centroids_4, tq_dequantize_turbo4_0_b16 },
@@ -309,9 +321,12 @@ static const struct tq_fmt * tq_fmt_of(enum ggml_type t) {
         case GGML_TYPE_TURBO2_0:     return &fmts[0];
         case GGML_TYPE_TURBO3_0:     return &fmts[1];
         case GGML_TYPE_TURBO4_0:     return &fmts[2];
-        case GGML_TYPE_TURBO2_0_B16: return &fmts[3];
-        case GGML_TYPE_TURBO3_0_B16: return &fmts[4];
-        case GGML_TYPE_TURBO4_0_B16: return &fmts[5];
+        case GGML_TYPE_TURBO2_0_B32: return &fmts[3];
+        case GGML_TYPE_TURBO3_0_B32: return &fmts[4];
+        case GGML_TYPE_TURBO4_0_B32: return &fmts[5];
+        case GGML_TYPE_TURBO2_0_B16: return &fmts[6];
+        case GGML_TYPE_TURBO3_0_B16: return &fmts[7];
+        case GGML_TYPE_TURBO4_0_B16: return &fmts[8];
         default:                     return NULL;
     }
 }

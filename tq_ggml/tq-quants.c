@@ -10,7 +10,8 @@
 #include <math.h>
 #include <string.h>
 
-static_assert(TQ_CODEBOOK_DIM == QK_TQ && TQ16_CODEBOOK_DIM == QK_TQ16, "codebooks must be solved for the block dimension");
+static_assert(TQ_CODEBOOK_DIM == QK_TQ && TQ32_CODEBOOK_DIM == QK_TQ32 && TQ16_CODEBOOK_DIM == QK_TQ16,
+              "codebooks must be solved for the block dimension");
 
 // largest finite fp16: a larger finite scale is clamped to it; NaN and inf (from NaN/inf inputs)
 // are stored as they are, so ggml_validate_row_data flags the row
@@ -107,7 +108,7 @@ static inline void tq_dequantize_block(ggml_half d16, const uint8_t * GGML_RESTR
     }
 }
 
-// NAME: turboB_0 (blocks of QK_TQ, codebooks tq_*) or turboB_0_b16 (QK_TQ16, tq16_*)
+// NAME: turboB_0 (blocks of QK_TQ, codebooks tq_*), turboB_0_b32 (QK_TQ32, tq32_*) or turboB_0_b16 (QK_TQ16, tq16_*)
 #define TQ_DEFINE_ROW_FUNCS(NAME, TYPE, QK, BITS, CB)                                                      \
 void quantize_row_##NAME##_ref(const float * GGML_RESTRICT x, block_##NAME * GGML_RESTRICT y, int64_t k) { \
     assert(k % QK == 0);                                                                                   \
@@ -134,6 +135,9 @@ size_t quantize_##NAME(const float * GGML_RESTRICT src, void * GGML_RESTRICT dst
 TQ_DEFINE_ROW_FUNCS(turbo2_0,     GGML_TYPE_TURBO2_0,     QK_TQ,   2, tq)
 TQ_DEFINE_ROW_FUNCS(turbo3_0,     GGML_TYPE_TURBO3_0,     QK_TQ,   3, tq)
 TQ_DEFINE_ROW_FUNCS(turbo4_0,     GGML_TYPE_TURBO4_0,     QK_TQ,   4, tq)
+TQ_DEFINE_ROW_FUNCS(turbo2_0_b32, GGML_TYPE_TURBO2_0_B32, QK_TQ32, 2, tq32)
+TQ_DEFINE_ROW_FUNCS(turbo3_0_b32, GGML_TYPE_TURBO3_0_B32, QK_TQ32, 3, tq32)
+TQ_DEFINE_ROW_FUNCS(turbo4_0_b32, GGML_TYPE_TURBO4_0_B32, QK_TQ32, 4, tq32)
 TQ_DEFINE_ROW_FUNCS(turbo2_0_b16, GGML_TYPE_TURBO2_0_B16, QK_TQ16, 2, tq16)
 TQ_DEFINE_ROW_FUNCS(turbo3_0_b16, GGML_TYPE_TURBO3_0_B16, QK_TQ16, 3, tq16)
 TQ_DEFINE_ROW_FUNCS(turbo4_0_b16, GGML_TYPE_TURBO4_0_B16, QK_TQ16, 4, tq16)
@@ -144,6 +148,9 @@ enum ggml_type ggml_turbo_type_from_name(const char * name) {
     static const struct { const char * name; enum ggml_type type; } names[] = {
         { "tq2_0",    GGML_TYPE_TURBO2_0 }, { "tq3_0",    GGML_TYPE_TURBO3_0 }, { "tq4_0",    GGML_TYPE_TURBO4_0 },
         { "turbo2_0", GGML_TYPE_TURBO2_0 }, { "turbo3_0", GGML_TYPE_TURBO3_0 }, { "turbo4_0", GGML_TYPE_TURBO4_0 },
+        { "tq2_0_b32", GGML_TYPE_TURBO2_0_B32 }, { "tq3_0_b32", GGML_TYPE_TURBO3_0_B32 }, { "tq4_0_b32", GGML_TYPE_TURBO4_0_B32 },
+        { "turbo2_0_b32", GGML_TYPE_TURBO2_0_B32 }, { "turbo3_0_b32", GGML_TYPE_TURBO3_0_B32 },
+        { "turbo4_0_b32", GGML_TYPE_TURBO4_0_B32 },
         { "tq2_0_b16", GGML_TYPE_TURBO2_0_B16 }, { "tq3_0_b16", GGML_TYPE_TURBO3_0_B16 }, { "tq4_0_b16", GGML_TYPE_TURBO4_0_B16 },
         { "turbo2_0_b16", GGML_TYPE_TURBO2_0_B16 }, { "turbo3_0_b16", GGML_TYPE_TURBO3_0_B16 },
         { "turbo4_0_b16", GGML_TYPE_TURBO4_0_B16 },
@@ -161,6 +168,9 @@ const char * ggml_turbo_type_desc(enum ggml_type type) {
         case GGML_TYPE_TURBO2_0: return "TurboQuant tq2_0 (2-bit Lloyd-Max, 2.25 bits/value)";
         case GGML_TYPE_TURBO3_0: return "TurboQuant tq3_0 (3-bit Lloyd-Max, 3.25 bits/value)";
         case GGML_TYPE_TURBO4_0: return "TurboQuant tq4_0 (4-bit Lloyd-Max, 4.25 bits/value)";
+        case GGML_TYPE_TURBO2_0_B32: return "TurboQuant tq2_0 in blocks of 32 (2-bit Lloyd-Max, 2.5 bits/value)";
+        case GGML_TYPE_TURBO3_0_B32: return "TurboQuant tq3_0 in blocks of 32 (3-bit Lloyd-Max, 3.5 bits/value)";
+        case GGML_TYPE_TURBO4_0_B32: return "TurboQuant tq4_0 in blocks of 32 (4-bit Lloyd-Max, 4.5 bits/value)";
         case GGML_TYPE_TURBO2_0_B16: return "TurboQuant tq2_0 in blocks of 16 (2-bit Lloyd-Max, 3 bits/value)";
         case GGML_TYPE_TURBO3_0_B16: return "TurboQuant tq3_0 in blocks of 16 (3-bit Lloyd-Max, 4 bits/value)";
         case GGML_TYPE_TURBO4_0_B16: return "TurboQuant tq4_0 in blocks of 16 (4-bit Lloyd-Max, 5 bits/value)";
@@ -169,17 +179,30 @@ const char * ggml_turbo_type_desc(enum ggml_type type) {
 }
 
 enum ggml_type ggml_turbo_type_for_head(enum ggml_type type, int64_t n) {
-    static const enum ggml_type forms[][2] = {
-        { GGML_TYPE_TURBO2_0, GGML_TYPE_TURBO2_0_B16 },
-        { GGML_TYPE_TURBO3_0, GGML_TYPE_TURBO3_0_B16 },
-        { GGML_TYPE_TURBO4_0, GGML_TYPE_TURBO4_0_B16 },
+    // per type, its forms from the largest block down
+    static const enum ggml_type forms[][3] = {
+        { GGML_TYPE_TURBO2_0, GGML_TYPE_TURBO2_0_B32, GGML_TYPE_TURBO2_0_B16 },
+        { GGML_TYPE_TURBO3_0, GGML_TYPE_TURBO3_0_B32, GGML_TYPE_TURBO3_0_B16 },
+        { GGML_TYPE_TURBO4_0, GGML_TYPE_TURBO4_0_B32, GGML_TYPE_TURBO4_0_B16 },
     };
+    if (n <= 0) {
+        return GGML_TYPE_COUNT;
+    }
     for (size_t i = 0; i < sizeof(forms)/sizeof(forms[0]); ++i) {
-        if (type == forms[i][0] || type == forms[i][1]) {
-            // a form asked for by name keeps its block where that divides the head
-            return n > 0 && n % ggml_blck_size(type) == 0 ? type :
-                   n > 0 && n % QK_TQ16 == 0 ? forms[i][1] : GGML_TYPE_COUNT;
+        if (type != forms[i][0] && type != forms[i][1] && type != forms[i][2]) {
+            continue;
         }
+        // a form asked for by name keeps its block where that divides the head; else the largest
+        // block that does
+        if (n % ggml_blck_size(type) == 0) {
+            return type;
+        }
+        for (int j = 0; j < 3; ++j) {
+            if (n % ggml_blck_size(forms[i][j]) == 0) {
+                return forms[i][j];
+            }
+        }
+        return GGML_TYPE_COUNT;
     }
     return GGML_TYPE_COUNT;
 }

@@ -17,6 +17,9 @@ extern "C" {
 GGML_API void quantize_row_turbo2_0_ref(const float * GGML_RESTRICT x, block_turbo2_0 * GGML_RESTRICT y, int64_t k);
 GGML_API void quantize_row_turbo3_0_ref(const float * GGML_RESTRICT x, block_turbo3_0 * GGML_RESTRICT y, int64_t k);
 GGML_API void quantize_row_turbo4_0_ref(const float * GGML_RESTRICT x, block_turbo4_0 * GGML_RESTRICT y, int64_t k);
+GGML_API void quantize_row_turbo2_0_b32_ref(const float * GGML_RESTRICT x, block_turbo2_0_b32 * GGML_RESTRICT y, int64_t k);
+GGML_API void quantize_row_turbo3_0_b32_ref(const float * GGML_RESTRICT x, block_turbo3_0_b32 * GGML_RESTRICT y, int64_t k);
+GGML_API void quantize_row_turbo4_0_b32_ref(const float * GGML_RESTRICT x, block_turbo4_0_b32 * GGML_RESTRICT y, int64_t k);
 GGML_API void quantize_row_turbo2_0_b16_ref(const float * GGML_RESTRICT x, block_turbo2_0_b16 * GGML_RESTRICT y, int64_t k);
 GGML_API void quantize_row_turbo3_0_b16_ref(const float * GGML_RESTRICT x, block_turbo3_0_b16 * GGML_RESTRICT y, int64_t k);
 GGML_API void quantize_row_turbo4_0_b16_ref(const float * GGML_RESTRICT x, block_turbo4_0_b16 * GGML_RESTRICT y, int64_t k);
@@ -24,6 +27,9 @@ GGML_API void quantize_row_turbo4_0_b16_ref(const float * GGML_RESTRICT x, block
 GGML_API void dequantize_row_turbo2_0(const block_turbo2_0 * GGML_RESTRICT x, float * GGML_RESTRICT y, int64_t k);
 GGML_API void dequantize_row_turbo3_0(const block_turbo3_0 * GGML_RESTRICT x, float * GGML_RESTRICT y, int64_t k);
 GGML_API void dequantize_row_turbo4_0(const block_turbo4_0 * GGML_RESTRICT x, float * GGML_RESTRICT y, int64_t k);
+GGML_API void dequantize_row_turbo2_0_b32(const block_turbo2_0_b32 * GGML_RESTRICT x, float * GGML_RESTRICT y, int64_t k);
+GGML_API void dequantize_row_turbo3_0_b32(const block_turbo3_0_b32 * GGML_RESTRICT x, float * GGML_RESTRICT y, int64_t k);
+GGML_API void dequantize_row_turbo4_0_b32(const block_turbo4_0_b32 * GGML_RESTRICT x, float * GGML_RESTRICT y, int64_t k);
 GGML_API void dequantize_row_turbo2_0_b16(const block_turbo2_0_b16 * GGML_RESTRICT x, float * GGML_RESTRICT y, int64_t k);
 GGML_API void dequantize_row_turbo3_0_b16(const block_turbo3_0_b16 * GGML_RESTRICT x, float * GGML_RESTRICT y, int64_t k);
 GGML_API void dequantize_row_turbo4_0_b16(const block_turbo4_0_b16 * GGML_RESTRICT x, float * GGML_RESTRICT y, int64_t k);
@@ -31,6 +37,9 @@ GGML_API void dequantize_row_turbo4_0_b16(const block_turbo4_0_b16 * GGML_RESTRI
 GGML_API size_t quantize_turbo2_0(const float * GGML_RESTRICT src, void * GGML_RESTRICT dst, int64_t nrows, int64_t n_per_row, const float * imatrix);
 GGML_API size_t quantize_turbo3_0(const float * GGML_RESTRICT src, void * GGML_RESTRICT dst, int64_t nrows, int64_t n_per_row, const float * imatrix);
 GGML_API size_t quantize_turbo4_0(const float * GGML_RESTRICT src, void * GGML_RESTRICT dst, int64_t nrows, int64_t n_per_row, const float * imatrix);
+GGML_API size_t quantize_turbo2_0_b32(const float * GGML_RESTRICT src, void * GGML_RESTRICT dst, int64_t nrows, int64_t n_per_row, const float * imatrix);
+GGML_API size_t quantize_turbo3_0_b32(const float * GGML_RESTRICT src, void * GGML_RESTRICT dst, int64_t nrows, int64_t n_per_row, const float * imatrix);
+GGML_API size_t quantize_turbo4_0_b32(const float * GGML_RESTRICT src, void * GGML_RESTRICT dst, int64_t nrows, int64_t n_per_row, const float * imatrix);
 GGML_API size_t quantize_turbo2_0_b16(const float * GGML_RESTRICT src, void * GGML_RESTRICT dst, int64_t nrows, int64_t n_per_row, const float * imatrix);
 GGML_API size_t quantize_turbo3_0_b16(const float * GGML_RESTRICT src, void * GGML_RESTRICT dst, int64_t nrows, int64_t n_per_row, const float * imatrix);
 GGML_API size_t quantize_turbo4_0_b16(const float * GGML_RESTRICT src, void * GGML_RESTRICT dst, int64_t nrows, int64_t n_per_row, const float * imatrix);

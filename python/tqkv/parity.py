@@ -29,18 +29,19 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import assets, reference
+from . import assets, reference, types
 from .ggml_lib import TYPE_F32, Backend
 from .types import cache_type
 
 TQ_TYPES = ("tq2_0", "tq3_0", "tq4_0")
 KV_TYPES = ("f16", "q8_0", *TQ_TYPES)
 PAIRS = [(k, v) for k in KV_TYPES for v in KV_TYPES if k in TQ_TYPES or v in TQ_TYPES]
-# the blocks-of-16 forms, at the head sizes that take them (q8_0 fits only 96 of these)
-B16_TYPES = ("tq2_0_b16", "tq3_0_b16", "tq4_0_b16")
-B16_DIMS = (80, 96, 112)
-B16_PAIRS = [(k, v) for k in ("f16", "q8_0", *B16_TYPES) for v in ("f16", "q8_0", *B16_TYPES)
-             if k in B16_TYPES or v in B16_TYPES]
+# the forms in blocks of 32 and 16, at the head sizes that are not a multiple of 64 where they fit
+# (q8_0 and the 32-value forms fit only 96 of these)
+SMALL_TYPES = ("tq2_0_b32", "tq3_0_b32", "tq4_0_b32", "tq2_0_b16", "tq3_0_b16", "tq4_0_b16")
+SMALL_DIMS = (80, 96, 112)
+SMALL_PAIRS = [(k, v) for k in ("f16", "q8_0", *SMALL_TYPES) for v in ("f16", "q8_0", *SMALL_TYPES)
+               if k in SMALL_TYPES or v in SMALL_TYPES]
 TOL_F32, TOL_F16_ACC = 1e-5, 4e-3
 
 
@@ -127,8 +128,8 @@ def _row_sets(real: list[RealLayer], d: int) -> Iterator[tuple[str, np.ndarray]]
 def quantize_checks(be: Backend, real: list[RealLayer]) -> list[Check]:
     """Bytes of every row set through every quantize path, and values through every dequantize path."""
     checks = []
-    for t in TQ_TYPES + B16_TYPES:
-        tid, bits, qk = cache_type(t).ggml_id, int(t[2]), reference.QK16 if t in B16_TYPES else reference.QK
+    for t in TQ_TYPES + SMALL_TYPES:
+        tid, bits, qk = cache_type(t).ggml_id, int(t[2]), types.block_size(t)
         paths: dict[str, Callable[[np.ndarray], np.ndarray | None]] = {
             "SET_ROWS": lambda x: be.set_rows(tid, x),
             "CPY f32->": lambda x: be.cpy(TYPE_F32, tid, x, x.shape[1], x.shape[0]),
@@ -136,7 +137,7 @@ def quantize_checks(be: Backend, real: list[RealLayer]) -> list[Check]:
         if be.name == "CPU":
             paths["quantize_row_ref"] = lambda x: be.ggml.quantize(tid, x, "ref")
             paths["quantize_chunk"] = lambda x: be.ggml.quantize(tid, x, "chunk")
-        for d in (64, 128, 256) if qk == reference.QK else (*B16_DIMS, 64):
+        for d in (64, 128, 256) if qk == reference.QK else (*(d for d in SMALL_DIMS if d % qk == 0), 64):
             sets = list(_row_sets(real, d))
             for op, fn in paths.items():
                 c = Check(be.name, op, t, f"{d} x {len(sets)} sets")
@@ -169,7 +170,7 @@ def _q_as_backend(be: Backend, q: torch.Tensor, type_k: str, scale: float) -> to
     AVX2 quantize_row_q8_0 (x * (127/amax), rounded half to even), not the scalar reference. CUDA's
     vector kernel (1-2 queries) turns scale*Q into q8_1 for a q8_0 K (x / (amax/127), rounded half
     away from zero); its other kernels read Q in float or f16 (inside the f16 tolerance)."""
-    if type_k in TQ_TYPES + B16_TYPES:
+    if type_k in TQ_TYPES + SMALL_TYPES:
         return q
     if be.name.startswith("CUDA"):
         if type_k != "q8_0" or q.shape[0] > 2:
@@ -210,13 +211,13 @@ def _fa_case(be: Backend, c: Check, q: torch.Tensor, k: torch.Tensor, v: torch.T
 
 def flash_attn_checks(be: Backend, real: list[RealLayer]) -> list[Check]:
     """Random heads (D 64/128/256, GQA, decode and small batches, masks) and real layers, per type pair;
-    the blocks-of-16 forms on random heads of D 80/96/112."""
+    the smaller blocks' forms on random heads of D 80/96/112, where both types fit."""
     rng = torch.Generator().manual_seed(3)
     checks = []
-    for tk, tv in PAIRS + B16_PAIRS:
-        b16 = (tk, tv) in B16_PAIRS
-        for d in B16_DIMS if b16 else (64, 128, 256):
-            if any(t == "q8_0" and d % reference.QK8_0 for t in (tk, tv)):
+    for tk, tv in PAIRS + SMALL_PAIRS:
+        small = (tk, tv) in SMALL_PAIRS
+        for d in SMALL_DIMS if small else (64, 128, 256):
+            if any(d % types.block_size(t) for t in (tk, tv)):
                 continue
             c = Check(be.name, "FLASH_ATTN_EXT", f"{tk}/{tv}", f"D{d} random", tol=_fa_tol(be, tv))
             for n_q, n_head, n_head_kv, n_kv, masked in ((1, 8, 2, 256, False), (1, 4, 1, 512, True),
@@ -231,7 +232,7 @@ def flash_attn_checks(be: Backend, real: list[RealLayer]) -> list[Check]:
                 if not _fa_case(be, c, q, k, v, tk, tv, d**-0.5, mask):
                     break
             checks.append(c)
-        for r in [] if b16 else real:
+        for r in [] if small else real:
             c = Check(be.name, "FLASH_ATTN_EXT", f"{tk}/{tv}", f"{r.model} L{r.layer} (D{r.k.shape[-1]})",
                       tol=_fa_tol(be, tv))
             _fa_case(be, c, r.q[-8:], r.k, r.v, tk, tv, r.scale, r.mask[-8:])  # the last 8 queries of the window

@@ -23,9 +23,9 @@ import gguf
 from tqdm import tqdm
 
 from . import alloc, assets, build, plot, profile, runner
-from .types import TQ2_0, TQ2_0_B16, TQ3_0, TQ3_0_B16, TQ4_0, TQ4_0_B16, cache_type, for_head
+from .types import CACHE_TYPES, cache_type, for_head
 
-TQ_IDS = (TQ2_0, TQ3_0, TQ4_0, TQ2_0_B16, TQ3_0_B16, TQ4_0_B16)
+TQ_IDS = tuple(t.ggml_id for name, t in CACHE_TYPES.items() if name.startswith("tq"))
 
 
 _FIELDS = {

@@ -1,6 +1,7 @@
 """PyTorch reference of the TurboQuant block formats: the readable specification of the bytes.
 
-A row of n values (n a multiple of the block size qk: 64 for tqN_0, 16 for tqN_0_b16) becomes n/qk
+A row of n values (n a multiple of the block size qk: 64 for tqN_0, 32 for tqN_0_b32, 16 for
+tqN_0_b16) becomes n/qk
 blocks of `fp16 d` followed by qk b-bit codebook indices in one little-endian bit stream (index i
 at bits b*i .. b*i+b-1). The codebook is the one solved for unit vectors in R^qk.
 
@@ -30,7 +31,7 @@ import torch
 from . import sources, types
 
 QK = 64
-QK16 = 16  # the tqN_0_b16 types: head sizes that are a multiple of 16 but not of 64
+QK32, QK16 = 32, 16  # the tqN_0_b32 and tqN_0_b16 forms: head sizes that are not a multiple of 64
 FP16_MAX = 65504.0
 
 
@@ -126,7 +127,8 @@ def dequantize(data: torch.Tensor, bits: int, qk: int = QK) -> torch.Tensor:
 # --- the stock cache types a TQ cache is mixed with, encoded and decoded as ggml does ---
 
 QK8_0 = 32
-ROW_TYPES = ("f16", "q8_0", "tq2_0", "tq3_0", "tq4_0", "tq2_0_b16", "tq3_0_b16", "tq4_0_b16")
+ROW_TYPES = ("f16", "q8_0", "tq2_0", "tq3_0", "tq4_0", "tq2_0_b32", "tq3_0_b32", "tq4_0_b32",
+             "tq2_0_b16", "tq3_0_b16", "tq4_0_b16")
 
 
 def _roundf(x: torch.Tensor) -> torch.Tensor:
@@ -155,7 +157,7 @@ def _tq_bits(type_name: str) -> int:
 
 
 def _tq_qk(type_name: str) -> int:
-    return QK16 if type_name.endswith("_b16") else QK
+    return types.block_size(type_name)
 
 
 def for_head(type_name: str, head_dim: int) -> str:

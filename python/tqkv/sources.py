@@ -33,5 +33,5 @@ def tq_ggml() -> Path:
 
 
 def codebooks_json(block: int = 64) -> Path:
-    """The codebooks solved for blocks of `block` values (64, or 16 for the tqN_0_b16 types)."""
+    """The codebooks solved for blocks of `block` values (64, or 32 and 16 for the smaller forms)."""
     return root() / "codebooks" / ("tq_codebooks.json" if block == 64 else f"tq_codebooks_{block}.json")
