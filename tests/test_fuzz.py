@@ -17,8 +17,10 @@ import pytest
 from tqkv import types
 from tqkv.ggml_lib import Backend
 
-D = 256  # four blocks per row: head size 256, the largest the kernels take
-BLOCK_BYTES = {t: 2 + types.QK_TQ * b // 8 for t, b in ((types.TQ2_0, 2), (types.TQ3_0, 3), (types.TQ4_0, 4))}
+NAMES = [f"tq{b}_0{form}" for form in ("", "_b32", "_b16") for b in (2, 3, 4)]
+# head size per block size: 256 (four 64-value blocks, the largest the kernels take), 96 (three
+# 32-value blocks) and 80 (five 16-value blocks): the heads each form is made for
+HEAD = {64: 256, 32: 96, 16: 80}
 # fp16 bit patterns: +0, -0, smallest and largest subnormal, smallest normal, 1, largest finite and
 # its negative, +inf, -inf, a quiet NaN, a signalling NaN, a negative NaN
 SCALES = (0x0000, 0x8000, 0x0001, 0x03FF, 0x0400, 0x3C00, 0x7BFF, 0xFBFF, 0x7C00, 0xFC00, 0x7E00, 0x7C01, 0xFFFF)
@@ -26,10 +28,16 @@ PATTERNS = (0x00, 0xFF, 0xAA, 0x55, None)  # None: random index bytes
 N_RANDOM_ROWS = 4000
 
 
-def _rows(type_id: int, rng: np.random.Generator) -> np.ndarray:
-    """[n_rows, bytes per row]: every special scale with every index pattern (the four blocks of a
-    row get the scale at one of them, random finite scales elsewhere), then fully random rows."""
-    nb, size = D // types.QK_TQ, BLOCK_BYTES[type_id]
+def _shape(name: str) -> tuple[int, int, int]:
+    """(head size, blocks per row, bytes per block) of a cache type's fuzzed rows."""
+    qk = types.block_size(name)
+    return HEAD[qk], HEAD[qk] // qk, 2 + qk * int(name[2]) // 8
+
+
+def _rows(name: str, rng: np.random.Generator) -> np.ndarray:
+    """[n_rows, bytes per row]: every special scale with every index pattern (the blocks of a row
+    get the scale at one of them, random finite scales elsewhere), then fully random rows."""
+    _, nb, size = _shape(name)
     rows = []
     for scale in SCALES:
         for pattern in PATTERNS:
@@ -45,18 +53,19 @@ def _rows(type_id: int, rng: np.random.Generator) -> np.ndarray:
     return np.stack(rows)
 
 
-def _finite_scales(type_id: int, rows: np.ndarray) -> np.ndarray:
+def _finite_scales(name: str, rows: np.ndarray) -> np.ndarray:
     """Per row: True when every block scale is finite."""
-    scales = rows.reshape(len(rows), -1, BLOCK_BYTES[type_id])[:, :, :2].copy().view(np.float16)
+    scales = rows.reshape(len(rows), -1, _shape(name)[2])[:, :, :2].copy().view(np.float16)
     return np.isfinite(scales.astype(np.float32)).all(axis=(1, 2))
 
 
-@pytest.mark.parametrize("name", ["tq2_0", "tq3_0", "tq4_0"])
+@pytest.mark.parametrize("name", NAMES)
 def test_hostile_blocks(cpu: Backend, name: str) -> None:
     type_id = types.cache_type(name).ggml_id
+    D = _shape(name)[0]
     rng = np.random.default_rng(type_id)
-    rows = _rows(type_id, rng)
-    finite = _finite_scales(type_id, rows)
+    rows = _rows(name, rng)
+    finite = _finite_scales(name, rows)
     assert finite.sum() > 100 and (~finite).sum() > 100, "the corpus holds both kinds of row"
     ggml = cpu.ggml
     y = rng.standard_normal(D).astype(np.float32)
@@ -78,5 +87,5 @@ def test_hostile_blocks(cpu: Backend, name: str) -> None:
     out = cpu.flash_attn_ext(q, ok.reshape(-1), ok.reshape(-1), type_id, type_id, len(ok), 1, D ** -0.5)
     assert out is not None and np.isfinite(out).all()
     cpu.flash_attn_ext(q, rows.reshape(-1), rows.reshape(-1), type_id, type_id, len(rows), 1, D ** -0.5)
-    print(f"{name}: {len(rows)} rows ({len(rows) * D // types.QK_TQ} blocks), {(~finite).sum()} with a "
+    print(f"{name}: {len(rows)} rows ({len(rows) * _shape(name)[1]} blocks), {(~finite).sum()} with a "
           f"non-finite scale: decoded, dotted, validated, GET_ROWS, FLASH_ATTN_EXT; no crash")
