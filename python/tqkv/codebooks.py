@@ -20,14 +20,12 @@ from pathlib import Path
 import numpy as np
 from scipy import integrate, special, stats
 
+from . import sources
+
 BLOCK_DIM = 64
 BLOCK_DIMS = (BLOCK_DIM, 32, 16)
 HEADER_BITS = (2, 3, 4)
-JSON_PATH = "codebooks/tq_codebooks.json"
-
-
-def json_path(dim: int = BLOCK_DIM) -> str:
-    return JSON_PATH if dim == BLOCK_DIM else f"codebooks/tq_codebooks_{dim}.json"
+JSON_PATH = sources.codebooks_relpath(BLOCK_DIM)
 
 HEADER_PATH = "tq_ggml/tq-codebooks.h"
 
@@ -186,7 +184,7 @@ def _render_header(tables: dict[int, dict[int, dict[str, object]]]) -> bytes:
 def render() -> dict[str, bytes]:
     """Contents of the generated files, keyed by path relative to the repo root."""
     tables = {dim: _tables(dim) for dim in BLOCK_DIMS}
-    files = {json_path(dim): _render_json(dim, t) for dim, t in tables.items()}
+    files = {sources.codebooks_relpath(dim): _render_json(dim, t) for dim, t in tables.items()}
     files[HEADER_PATH] = _render_header(tables)
     return files
 

@@ -31,7 +31,6 @@ import torch
 from . import sources, types
 
 QK = 64
-QK32, QK16 = 32, 16  # the tqN_0_b32 and tqN_0_b16 forms: head sizes that are not a multiple of 64
 FP16_MAX = 65504.0
 
 

@@ -32,6 +32,11 @@ def tq_ggml() -> Path:
     return root() / "tq_ggml"
 
 
+def codebooks_relpath(block: int = 64) -> str:
+    """Where the codebooks solved for blocks of `block` values (64, or 32 and 16 for the smaller
+    forms) live, relative to root()."""
+    return "codebooks/tq_codebooks.json" if block == 64 else f"codebooks/tq_codebooks_{block}.json"
+
+
 def codebooks_json(block: int = 64) -> Path:
-    """The codebooks solved for blocks of `block` values (64, or 32 and 16 for the smaller forms)."""
-    return root() / "codebooks" / ("tq_codebooks.json" if block == 64 else f"tq_codebooks_{block}.json")
+    return root() / codebooks_relpath(block)
