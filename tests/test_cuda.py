@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from tqkv import build, parity
+from tqkv import build, parity, synth, types
 from tqkv.ggml_lib import Backend
 
 from test_ggml_tests import CASES, SMALL_CASES, run_backend_ops
+from test_head_sizes import kld_run
 from test_parity import K_ROT_CASES, check_k_rot
 
 CUDA_BIN = build.Layout().bin_dir(cuda=True)
@@ -27,17 +28,14 @@ pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and (CUDA_BIN / "
 
 @pytest.mark.parametrize("op", CASES)
 def test_backend_ops_cuda_vs_cpu(op: str) -> None:
-    out = run_backend_ops(CUDA_BIN, "CUDA0", op, CASES[op])
-    # the smaller blocks' forms have no CUDA kernels: said, not run (llama refuses such a cache on CUDA)
-    unsupported = [line for line in out.splitlines() if "not supported" in line]
-    assert len(unsupported) == SMALL_CASES.get(op, 0), out[-4000:]
-    assert all("_b16" in line or "_b32" in line for line in unsupported), out[-4000:]
+    # every case runs on CUDA, the smaller blocks' forms among them (none is "not supported")
+    out = run_backend_ops(CUDA_BIN, "CUDA0", op, CASES[op] + SMALL_CASES.get(op, 0))
+    assert "not supported" not in out, out[-4000:]
 
 
 def test_parity_cuda() -> None:
     checks = parity.run(CUDA_BIN, ["CUDA0"], real=False)
-    assert checks and all(c.status == ("unsupported" if "_b" in c.types else "pass") for c in checks), \
-        parity.report(checks)
+    assert checks and all(c.status == "pass" for c in checks), parity.report(checks)
 
 
 @pytest.mark.parametrize("n, nrot, n_head, n_head_kv, mode", K_ROT_CASES)
@@ -47,6 +45,23 @@ def test_fused_key_rotation_cuda(n: int, nrot: int, n_head: int, n_head_kv: int,
         check_k_rot(be, n, nrot, n_head, n_head_kv, mode)
     finally:
         be.close()
+
+
+@pytest.mark.parametrize("hd", [80, 96, 112])
+def test_head_sizes_on_cuda(hd: int, alice: Path, tmp_path: Path) -> None:
+    """A head size that is not a multiple of 64 keeps its TurboQuant cache on the GPU, in the form in
+    blocks of 32 (96) or 16 (80, 112), and diverges from f16 as much as the same cache in host memory
+    (-nkvo: the CPU's attention on the same stored bytes)."""
+    model = synth.write_llama(tmp_path / f"head{hd}.gguf", n_embd=4 * hd, n_head=4, n_head_kv=2)
+    base = tmp_path / "f16.kld"
+    kld_run(model, alice, base, "f16", "f16", cuda=True, extra=("-ngl", "99"))
+    gpu, _, log = kld_run(model, alice, base, "tq3_0", "tq2_0", cuda=True, extra=("-ngl", "99"))
+    host, _, _ = kld_run(model, alice, base, "tq3_0", "tq2_0", cuda=True, extra=("-ngl", "99", "-nkvo"))
+    buffers = re.findall(r"(\S+) KV buffer size", log)
+    assert buffers and set(buffers) == {"CUDA0"}, log[-3000:]
+    form_k, form_v = (types.for_head(t, hd).replace("tq", "turbo") for t in ("tq3_0", "tq2_0"))
+    assert f"K ({form_k})" in log and f"V ({form_v})" in log, log[-3000:]
+    assert 0 < gpu < 0.3 and gpu == pytest.approx(host, rel=0.05), (gpu, host)
 
 
 @pytest.mark.parametrize("k,v", [("tq3_0", "tq2_0"), ("tq4_0", "tq4_0"), ("q8_0", "tq3_0")])

@@ -24,10 +24,12 @@ def _head(model: Path) -> int:
     return int(model.stem.removeprefix("head"))
 
 
-def _kld(model: Path, text: Path, base: Path, k: str, v: str) -> tuple[float, runner.KVSize, str]:
-    r = subprocess.run([str(runner.tool("llama-perplexity")), "-m", str(model), "-f", str(text), "-c", str(CTX),
+def kld_run(model: Path, text: Path, base: Path, k: str, v: str, cuda: bool = False,
+            extra: tuple[str, ...] = ()) -> tuple[float, runner.KVSize, str]:
+    """llama-perplexity's mean KLD against the f16 logits in base (which an f16 run writes), KV sizes, log."""
+    r = subprocess.run([str(runner.tool("llama-perplexity", cuda)), "-m", str(model), "-f", str(text), "-c", str(CTX),
                         "--chunks", str(CHUNKS), *runner.cache_args(k, v), "--kl-divergence-base", str(base),
-                        *(["--kl-divergence"] if k != "f16" else [])], capture_output=True, text=True)
+                        *(["--kl-divergence"] if k != "f16" else []), *extra], capture_output=True, text=True)
     log = r.stdout + r.stderr
     assert r.returncode == 0, log[-3000:]
     kld = next((float(line.split()[2]) for line in log.splitlines() if line.startswith("Mean    KLD:")), 0.0)
@@ -41,8 +43,8 @@ def _kld(model: Path, text: Path, base: Path, k: str, v: str) -> tuple[float, ru
 def test_blocks_of_16_end_to_end(bin_dir: Path, model: Path, alice: Path, tmp_path: Path, k: str, v: str,
                                  bound: float) -> None:
     base = tmp_path / "f16.kld"
-    _, f16, _ = _kld(model, alice, base, "f16", "f16")
-    kld, kv, log = _kld(model, alice, base, k, v)
+    _, f16, _ = kld_run(model, alice, base, "f16", "f16")
+    kld, kv, log = kld_run(model, alice, base, k, v)
     form_k, form_v = (types.for_head(t, _head(model)) for t in (k, v))
     assert form_k.endswith("_b32" if _head(model) == 96 else "_b16"), form_k
     assert f"K ({form_k.replace('tq', 'turbo')})" in log and f"V ({form_v.replace('tq', 'turbo')})" in log, log[-3000:]
@@ -55,8 +57,8 @@ def test_blocks_of_16_end_to_end(bin_dir: Path, model: Path, alice: Path, tmp_pa
 
 def test_more_bits_less_divergence(bin_dir: Path, model: Path, alice: Path, tmp_path: Path) -> None:
     base = tmp_path / "f16.kld"
-    _kld(model, alice, base, "f16", "f16")
-    kld = {kv: _kld(model, alice, base, *kv.split("/"))[0] for kv in ("tq4_0/tq4_0", "tq3_0/tq3_0", "tq2_0/tq2_0")}
+    kld_run(model, alice, base, "f16", "f16")
+    kld = {kv: kld_run(model, alice, base, *kv.split("/"))[0] for kv in ("tq4_0/tq4_0", "tq3_0/tq3_0", "tq2_0/tq2_0")}
     assert kld["tq4_0/tq4_0"] < kld["tq3_0/tq3_0"] < kld["tq2_0/tq2_0"], kld
 
 

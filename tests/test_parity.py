@@ -88,7 +88,9 @@ def test_a_wrong_byte_or_value_fails(cpu: Backend) -> None:
 ROT_SCALE, ROT_INV_SCALE, ROT_OFFSET = 1, 2, 4  # its modes (ggml.h)
 K_ROT_CASES = [  # n, nrot, n_head, n_head_kv (0: no k_off, the value rotation), mode
     (128, 128, 8, 8, ROT_SCALE | ROT_OFFSET), (128, 128, 32, 8, ROT_INV_SCALE), (256, 64, 4, 2, ROT_SCALE),
-    (64, 0, 4, 4, ROT_OFFSET | ROT_SCALE), (64, 64, 6, 2, 0), (128, 128, 8, 0, 0)]
+    (64, 0, 4, 4, ROT_OFFSET | ROT_SCALE), (64, 64, 6, 2, 0), (128, 128, 8, 0, 0),
+    # head sizes of the smaller blocks' forms: runs of 16 (5 per head) and 32, and none
+    (80, 16, 3, 3, ROT_SCALE | ROT_OFFSET), (96, 32, 8, 2, ROT_INV_SCALE), (112, 0, 4, 4, ROT_OFFSET)]
 
 
 def _k_rot_spec(x: np.ndarray, k_off: np.ndarray | None, nrot: int, mode: int) -> np.ndarray:

@@ -9,6 +9,12 @@
 static __constant__ float tq_cuda_boundaries_2[3]  = TQ_BOUNDARIES_2;
 static __constant__ float tq_cuda_boundaries_3[7]  = TQ_BOUNDARIES_3;
 static __constant__ float tq_cuda_boundaries_4[15] = TQ_BOUNDARIES_4;
+static __constant__ float tq_cuda_boundaries32_2[3]  = TQ32_BOUNDARIES_2;
+static __constant__ float tq_cuda_boundaries32_3[7]  = TQ32_BOUNDARIES_3;
+static __constant__ float tq_cuda_boundaries32_4[15] = TQ32_BOUNDARIES_4;
+static __constant__ float tq_cuda_boundaries16_2[3]  = TQ16_BOUNDARIES_2;
+static __constant__ float tq_cuda_boundaries16_3[7]  = TQ16_BOUNDARIES_3;
+static __constant__ float tq_cuda_boundaries16_4[15] = TQ16_BOUNDARIES_4;
 
 #define TQ_D_MAX 65504.0f
 #define TQ_CUDA_WARPS_PER_BLOCK 4   // prompts: one warp per TQ block, 4 per thread block
@@ -17,6 +23,19 @@ static __constant__ float tq_cuda_boundaries_4[15] = TQ_BOUNDARIES_4;
 template <int bits>
 static __device__ __forceinline__ const float * tq_cuda_boundaries() {
     return bits == 2 ? tq_cuda_boundaries_2 : bits == 3 ? tq_cuda_boundaries_3 : tq_cuda_boundaries_4;
+}
+
+template <ggml_type type>
+static __device__ __forceinline__ const float * tq_cuda_form_boundaries() {
+    constexpr int qk = tq_cuda_form<type>::qk, bits = tq_cuda_form<type>::bits;
+    if constexpr (qk == QK_TQ) {
+        return tq_cuda_boundaries<bits>();
+    } else if constexpr (qk == QK_TQ32) {
+        return bits == 2 ? tq_cuda_boundaries32_2 : bits == 3 ? tq_cuda_boundaries32_3 : tq_cuda_boundaries32_4;
+    } else {
+        static_assert(qk == QK_TQ16, "bad block size");
+        return bits == 2 ? tq_cuda_boundaries16_2 : bits == 3 ? tq_cuda_boundaries16_3 : tq_cuda_boundaries16_4;
+    }
 }
 
 static __device__ __forceinline__ double tq_cuda_warp_sum(double v) {
@@ -34,14 +53,18 @@ static __device__ __forceinline__ float tq_cuda_candidate_scale(const float norm
 
 // #(x > boundary_j * s), as tq_block_indices
 template <int bits>
-static __device__ __forceinline__ int tq_cuda_index(const float x, const float s) {
-    const float * bnd = tq_cuda_boundaries<bits>();
+static __device__ __forceinline__ int tq_cuda_index(const float x, const float s, const float * bnd) {
     int k = 0;
 #pragma unroll
     for (int j = 0; j < (1 << bits) - 1; ++j) {
         k += x > __fmul_rn(bnd[j], s);
     }
     return k;
+}
+
+template <int bits>
+static __device__ __forceinline__ int tq_cuda_index(const float x, const float s) {
+    return tq_cuda_index<bits>(x, s, tq_cuda_boundaries<bits>());
 }
 
 // fp32 -> fp16 bits as the CPU's F16C conversion: NaN keeps its sign and the top of its payload
@@ -203,25 +226,103 @@ static __device__ void tq_cuda_quantize_block(const float x0, const float x1, ty
     }
 }
 
+// The forms in blocks of 32 and 16: a warp per block, lane i < qk holding value i (the others 0).
+// Every lane sums the squares in the CPU's order, lane s tries candidate s over the block in the
+// CPU's order (values by shuffles), and the CPU's rule picks: the bytes of tq-quants.c.
+template <ggml_type type>
+static __device__ void tq_cuda_quantize_form(const float x, typename tq_cuda_form<type>::block * y) {
+    using F = tq_cuda_form<type>;
+    constexpr int qk   = F::qk;
+    constexpr int bits = F::bits;
+    static_assert(qk <= WARP_SIZE && qk % 8 == 0, "a warp per block");
+    const int     lane = threadIdx.x;
+    const float * bnd  = tq_cuda_form_boundaries<type>();
+
+    double sumsq = 0.0;
+#pragma unroll
+    for (int i = 0; i < qk; ++i) {
+        const float v = __shfl_sync(0xFFFFFFFF, x, i, WARP_SIZE);
+        sumsq += (double) v*v;
+    }
+    const float norm = (float) sqrt(sumsq);
+
+    float scale = norm;
+    float s_idx = norm; // the scale the indices are taken at
+    if (!(norm > 0.0f && isfinite(norm))) {
+        // zero, inf and NaN norms: the paper's encoding; the CPU's sum carries the first NaN into d
+        const uint32_t nan_lanes = __ballot_sync(0xFFFFFFFF, lane < qk && isnan(x));
+        if (nan_lanes) {
+            scale = __shfl_sync(0xFFFFFFFF, x, __ffs(nan_lanes) - 1, WARP_SIZE);
+        }
+    } else {
+        const float * cbk = F::centroids();
+        const float   sc  = tq_cuda_candidate_scale(norm, lane < TQ_SCALE_STEPS ? lane : 0);
+        float thr[(1 << bits) - 1];
+        float cen[1 << bits];
+#pragma unroll
+        for (int j = 0; j < (1 << bits) - 1; ++j) {
+            thr[j] = __fmul_rn(bnd[j], sc);
+        }
+#pragma unroll
+        for (int j = 0; j < (1 << bits); ++j) {
+            cen[j] = cbk[j];
+        }
+        double xc = 0.0;
+        double cc = 0.0;
+#pragma unroll
+        for (int i = 0; i < qk; ++i) {
+            const float v = __shfl_sync(0xFFFFFFFF, x, i, WARP_SIZE);
+            float c = cen[0];
+#pragma unroll
+            for (int j = 0; j < (1 << bits) - 1; ++j) {
+                c = v > thr[j] ? cen[j + 1] : c;
+            }
+            xc += (double) v*c;
+            cc += (double) c*c;
+        }
+        int best = tq_cuda_pick_candidate(xc*xc/cc, lane);
+        const double xc_best = __shfl_sync(0xFFFFFFFF, xc, best < 0 ? 0 : best, WARP_SIZE);
+        const double cc_best = __shfl_sync(0xFFFFFFFF, cc, best < 0 ? 0 : best, WARP_SIZE);
+        if (best >= 0) {
+            scale = (float) (xc_best/cc_best);
+        } else {
+            best = 0;
+        }
+        s_idx = tq_cuda_candidate_scale(norm, best);
+    }
+
+    // group g (values 8g..8g+7) is lanes 8g..8g+7: assemble its bits-byte word across them
+    uint32_t w = (uint32_t) tq_cuda_index<bits>(x, s_idx, bnd) << (bits*(lane % 8));
+    w |= __shfl_xor_sync(0xFFFFFFFF, w, 1, WARP_SIZE);
+    w |= __shfl_xor_sync(0xFFFFFFFF, w, 2, WARP_SIZE);
+    w |= __shfl_xor_sync(0xFFFFFFFF, w, 4, WARP_SIZE);
+    if (lane < qk && lane % 8 == 0) {
+        uint8_t * p = y->qs + bits*(lane/8);
+#pragma unroll
+        for (int j = 0; j < bits; ++j) {
+            p[j] = (uint8_t) (w >> (8*j));
+        }
+    }
+    if (lane == 0) {
+        const float d = scale > TQ_D_MAX && !isinf(scale) ? TQ_D_MAX : scale;
+        y->d = __ushort_as_half(tq_cuda_fp16_bits(d));
+    }
+}
+
 template <typename src_t>
 static __device__ __forceinline__ float tq_cuda_to_float(const src_t v) {
     return ggml_cuda_cast<float>(v);
 }
 
-// SET_ROWS: dst row src1[i01, i02 % ne11, i03 % ne12] of plane (i02, i03) gets src0 row (i01, i02, i03)
-template <int bits, int nwarps, typename src_t, typename idx_t>
-static __global__ void k_tq_set_rows(
-        const src_t * __restrict__ src0, const idx_t * __restrict__ src1, char * __restrict__ dst,
-        const int64_t nblocks, const int64_t nb_row, const int64_t ne01, const int64_t ne02,
-        const int64_t ne11, const int64_t ne12,
-        const int64_t s01, const int64_t s02, const int64_t s03,
-        const int64_t s10, const int64_t s11, const int64_t s12,
-        const size_t nb1, const size_t nb2, const size_t nb3) {
-    ggml_cuda_pdl_lc();
-    const int64_t ib = nwarps == 1 ? (int64_t) blockIdx.x*TQ_CUDA_WARPS_PER_BLOCK + threadIdx.y : blockIdx.x;
-    if (ib >= nblocks) {
-        return; // the whole warp
-    }
+// SET_ROWS: dst row src1[i01, i02 % ne11, i03 % ne12] of plane (i02, i03) gets src0 row (i01, i02, i03).
+// Block ib of the source rows: its first value and its destination block.
+template <typename src_t, typename idx_t>
+static __device__ __forceinline__ const src_t * tq_set_rows_block(
+        const src_t * __restrict__ src0, const idx_t * __restrict__ src1, char * __restrict__ dst, const int64_t ib,
+        const int qk, const size_t block_size, const int64_t nb_row, const int64_t ne01, const int64_t ne02,
+        const int64_t ne11, const int64_t ne12, const int64_t s01, const int64_t s02, const int64_t s03,
+        const int64_t s10, const int64_t s11, const int64_t s12, const size_t nb1, const size_t nb2, const size_t nb3,
+        char ** y) {
     const int64_t ib0 = ib % nb_row;
     int64_t       r   = ib / nb_row;
     const int64_t i01 = r % ne01; r /= ne01;
@@ -230,19 +331,52 @@ static __global__ void k_tq_set_rows(
 
     ggml_cuda_pdl_sync();
     const int64_t dst_row = src1[i01*s10 + (i02 % ne11)*s11 + (i03 % ne12)*s12];
-
-    const src_t * x = src0 + i01*s01 + i02*s02 + i03*s03 + ib0*QK_TQ + 2*threadIdx.x;
-    typename tq_cuda_block<bits>::type * y =
-        (typename tq_cuda_block<bits>::type *) (dst + dst_row*nb1 + i02*nb2 + i03*nb3) + ib0;
-
-    tq_cuda_quantize_block<bits, nwarps>(tq_cuda_to_float(x[0]), tq_cuda_to_float(x[1]), y);
+    *y = dst + dst_row*nb1 + i02*nb2 + i03*nb3 + ib0*block_size;
+    return src0 + i01*s01 + i02*s02 + i03*s03 + ib0*qk;
 }
 
-template <int bits, typename src_t, typename idx_t>
+#define TQ_SET_ROWS_PARAMS                                                                                  \
+        const src_t * __restrict__ src0, const idx_t * __restrict__ src1, char * __restrict__ dst,         \
+        const int64_t nblocks, const int64_t nb_row, const int64_t ne01, const int64_t ne02,               \
+        const int64_t ne11, const int64_t ne12,                                                            \
+        const int64_t s01, const int64_t s02, const int64_t s03,                                           \
+        const int64_t s10, const int64_t s11, const int64_t s12,                                           \
+        const size_t nb1, const size_t nb2, const size_t nb3
+#define TQ_SET_ROWS_ARGS(QK, BLOCK) \
+        src0, src1, dst, ib, QK, sizeof(BLOCK), nb_row, ne01, ne02, ne11, ne12, s01, s02, s03, s10, s11, s12, nb1, nb2, nb3
+
+template <int bits, int nwarps, typename src_t, typename idx_t>
+static __global__ void k_tq_set_rows(TQ_SET_ROWS_PARAMS) {
+    typedef typename tq_cuda_block<bits>::type block;
+    ggml_cuda_pdl_lc();
+    const int64_t ib = nwarps == 1 ? (int64_t) blockIdx.x*TQ_CUDA_WARPS_PER_BLOCK + threadIdx.y : blockIdx.x;
+    if (ib >= nblocks) {
+        return; // the whole warp
+    }
+    char * y;
+    const src_t * x = tq_set_rows_block(TQ_SET_ROWS_ARGS(QK_TQ, block), &y) + 2*threadIdx.x;
+    tq_cuda_quantize_block<bits, nwarps>(tq_cuda_to_float(x[0]), tq_cuda_to_float(x[1]), (block *) y);
+}
+
+template <ggml_type type, typename src_t, typename idx_t>
+static __global__ void k_tq_form_set_rows(TQ_SET_ROWS_PARAMS) {
+    using F = tq_cuda_form<type>;
+    ggml_cuda_pdl_lc();
+    const int64_t ib = (int64_t) blockIdx.x*TQ_CUDA_WARPS_PER_BLOCK + threadIdx.y;
+    if (ib >= nblocks) {
+        return; // the whole warp
+    }
+    char * y;
+    const src_t * x = tq_set_rows_block(TQ_SET_ROWS_ARGS(F::qk, typename F::block), &y);
+    tq_cuda_quantize_form<type>(threadIdx.x < F::qk ? tq_cuda_to_float(x[threadIdx.x]) : 0.0f, (typename F::block *) y);
+}
+
+template <ggml_type type, typename src_t, typename idx_t>
 static void tq_set_rows_launch(const ggml_tensor * src0, const ggml_tensor * src1, ggml_tensor * dst, cudaStream_t stream) {
     GGML_TENSOR_BINARY_OP_LOCALS
-    GGML_ASSERT(ne00 % QK_TQ == 0);
-    const int64_t nb_row  = ne00/QK_TQ;
+    constexpr int qk = tq_cuda_form<type>::qk;
+    GGML_ASSERT(ne00 % qk == 0);
+    const int64_t nb_row  = ne00/qk;
     const int64_t nblocks = nb_row*ne01*ne02*ne03;
     if (nblocks == 0) {
         return;
@@ -255,36 +389,42 @@ static void tq_set_rows_launch(const ggml_tensor * src0, const ggml_tensor * src
             nb10/sizeof(idx_t), nb11/sizeof(idx_t), nb12/sizeof(idx_t),
             nb1, nb2, nb3);
     };
-    if (nblocks <= TQ_CUDA_ENC_PARALLEL_MAX) {
-        launch(k_tq_set_rows<bits, TQ_SCALE_STEPS, src_t, idx_t>, dim3(nblocks, 1, 1), dim3(WARP_SIZE, TQ_SCALE_STEPS, 1));
+    GGML_ASSERT(nblocks/TQ_CUDA_WARPS_PER_BLOCK < INT_MAX);
+    const dim3 grid_warps((nblocks + TQ_CUDA_WARPS_PER_BLOCK - 1)/TQ_CUDA_WARPS_PER_BLOCK, 1, 1);
+    const dim3 block_warps(WARP_SIZE, TQ_CUDA_WARPS_PER_BLOCK, 1);
+    if constexpr (qk != QK_TQ) {
+        launch(k_tq_form_set_rows<type, src_t, idx_t>, grid_warps, block_warps);
+    } else if (nblocks <= TQ_CUDA_ENC_PARALLEL_MAX) {
+        launch(k_tq_set_rows<tq_cuda_form<type>::bits, TQ_SCALE_STEPS, src_t, idx_t>, dim3(nblocks, 1, 1),
+               dim3(WARP_SIZE, TQ_SCALE_STEPS, 1));
     } else {
-        GGML_ASSERT(nblocks/TQ_CUDA_WARPS_PER_BLOCK < INT_MAX);
-        launch(k_tq_set_rows<bits, 1, src_t, idx_t>, dim3((nblocks + TQ_CUDA_WARPS_PER_BLOCK - 1)/TQ_CUDA_WARPS_PER_BLOCK, 1, 1),
-               dim3(WARP_SIZE, TQ_CUDA_WARPS_PER_BLOCK, 1));
+        launch(k_tq_set_rows<tq_cuda_form<type>::bits, 1, src_t, idx_t>, grid_warps, block_warps);
     }
     CUDA_CHECK(cudaGetLastError());
 }
 
-template <int bits>
-static void tq_set_rows_bits(const ggml_tensor * src0, const ggml_tensor * src1, ggml_tensor * dst, cudaStream_t stream) {
+template <ggml_type type>
+static void tq_set_rows_type(const ggml_tensor * src0, const ggml_tensor * src1, ggml_tensor * dst, cudaStream_t stream) {
     const bool i64 = src1->type == GGML_TYPE_I64;
     if (src0->type == GGML_TYPE_F32) {
-        i64 ? tq_set_rows_launch<bits, float, int64_t>(src0, src1, dst, stream)
-            : tq_set_rows_launch<bits, float, int32_t>(src0, src1, dst, stream);
+        i64 ? tq_set_rows_launch<type, float, int64_t>(src0, src1, dst, stream)
+            : tq_set_rows_launch<type, float, int32_t>(src0, src1, dst, stream);
     } else {
-        i64 ? tq_set_rows_launch<bits, half, int64_t>(src0, src1, dst, stream)
-            : tq_set_rows_launch<bits, half, int32_t>(src0, src1, dst, stream);
+        i64 ? tq_set_rows_launch<type, half, int64_t>(src0, src1, dst, stream)
+            : tq_set_rows_launch<type, half, int32_t>(src0, src1, dst, stream);
     }
 }
+
+#define TQ_CUDA_ALL_FORMS(X) X(TURBO2_0) X(TURBO3_0) X(TURBO4_0) TQ_CUDA_SMALL_FORMS(X)
 
 void ggml_cuda_tq_set_rows(ggml_backend_cuda_context & ctx, const ggml_tensor * src0, const ggml_tensor * src1, ggml_tensor * dst) {
     GGML_ASSERT(src0->type == GGML_TYPE_F32 || src0->type == GGML_TYPE_F16);
     GGML_ASSERT(src1->type == GGML_TYPE_I64 || src1->type == GGML_TYPE_I32);
     cudaStream_t stream = ctx.stream();
     switch (dst->type) {
-        case GGML_TYPE_TURBO2_0: tq_set_rows_bits<2>(src0, src1, dst, stream); break;
-        case GGML_TYPE_TURBO3_0: tq_set_rows_bits<3>(src0, src1, dst, stream); break;
-        case GGML_TYPE_TURBO4_0: tq_set_rows_bits<4>(src0, src1, dst, stream); break;
+#define TQ_SET_ROWS_CASE(T) case GGML_TYPE_##T: tq_set_rows_type<GGML_TYPE_##T>(src0, src1, dst, stream); break;
+        TQ_CUDA_ALL_FORMS(TQ_SET_ROWS_CASE)
+#undef TQ_SET_ROWS_CASE
         default: GGML_ABORT("%s: not a TurboQuant type: %s", __func__, ggml_type_name(dst->type));
     }
 }
@@ -295,12 +435,12 @@ struct tq_cpy_shape {
     int64_t nb0, nb1, nb2, nb3; // bytes; for a TQ tensor nb0 is the block size
 };
 
-static __device__ __forceinline__ int64_t tq_cuda_offset(const tq_cpy_shape & s, const int64_t e, const bool blocked) {
+static __device__ __forceinline__ int64_t tq_cuda_offset(const tq_cpy_shape & s, const int64_t e, const int qk) {
     const int64_t i3 = e/(s.ne0*s.ne1*s.ne2);
     const int64_t i2 = (e - i3*s.ne0*s.ne1*s.ne2)/(s.ne0*s.ne1);
     const int64_t i1 = (e - i3*s.ne0*s.ne1*s.ne2 - i2*s.ne0*s.ne1)/s.ne0;
     const int64_t i0 = e - i3*s.ne0*s.ne1*s.ne2 - i2*s.ne0*s.ne1 - i1*s.ne0;
-    return (blocked ? i0/QK_TQ : i0)*s.nb0 + i1*s.nb1 + i2*s.nb2 + i3*s.nb3;
+    return i0/qk*s.nb0 + i1*s.nb1 + i2*s.nb2 + i3*s.nb3; // qk 1: not blocked
 }
 
 // float -> TQ: one warp or thread block (nwarps) per destination block (its 64 elements may be
@@ -315,16 +455,32 @@ static __global__ void k_tq_cpy_to(const char * __restrict__ cx, char * __restri
     }
     const int64_t e = ib*QK_TQ + 2*threadIdx.x;
     ggml_cuda_pdl_sync();
-    const float x0 = tq_cuda_to_float(*(const src_t *) (cx + tq_cuda_offset(src, e,     false)));
-    const float x1 = tq_cuda_to_float(*(const src_t *) (cx + tq_cuda_offset(src, e + 1, false)));
+    const float x0 = tq_cuda_to_float(*(const src_t *) (cx + tq_cuda_offset(src, e,     1)));
+    const float x1 = tq_cuda_to_float(*(const src_t *) (cx + tq_cuda_offset(src, e + 1, 1)));
     tq_cuda_quantize_block<bits, nwarps>(x0, x1,
-        (typename tq_cuda_block<bits>::type *) (cdst + tq_cuda_offset(dst, ib*QK_TQ, true)));
+        (typename tq_cuda_block<bits>::type *) (cdst + tq_cuda_offset(dst, ib*QK_TQ, QK_TQ)));
+}
+
+// ... into a form in blocks of 32 or 16: a warp per block
+template <ggml_type type, typename src_t>
+static __global__ void k_tq_form_cpy_to(const char * __restrict__ cx, char * __restrict__ cdst, const int64_t nblocks,
+                                        const tq_cpy_shape src, const tq_cpy_shape dst) {
+    using F = tq_cuda_form<type>;
+    ggml_cuda_pdl_lc();
+    const int64_t ib = (int64_t) blockIdx.x*TQ_CUDA_WARPS_PER_BLOCK + threadIdx.y;
+    if (ib >= nblocks) {
+        return;
+    }
+    ggml_cuda_pdl_sync();
+    const float x = threadIdx.x < F::qk ? tq_cuda_to_float(*(const src_t *) (cx + tq_cuda_offset(src, ib*F::qk + threadIdx.x, 1))) : 0.0f;
+    tq_cuda_quantize_form<type>(x, (typename F::block *) (cdst + tq_cuda_offset(dst, ib*F::qk, F::qk)));
 }
 
 // TQ -> float: one thread per pair of values
-template <int bits, typename dst_t>
+template <ggml_type type, typename dst_t>
 static __global__ void k_tq_cpy_from(const char * __restrict__ cx, char * __restrict__ cdst, const int64_t ne,
                                      const tq_cpy_shape src, const tq_cpy_shape dst) {
+    constexpr int qk = tq_cuda_form<type>::qk;
     ggml_cuda_pdl_lc();
     const int64_t e = 2*((int64_t) blockIdx.x*blockDim.x + threadIdx.x);
     if (e >= ne) {
@@ -332,23 +488,24 @@ static __global__ void k_tq_cpy_from(const char * __restrict__ cx, char * __rest
     }
     ggml_cuda_pdl_sync();
     float2 v;
-    dequantize_turbo<bits>(cx + tq_cuda_offset(src, e, true), 0, e % QK_TQ, v);
-    *(dst_t *) (cdst + tq_cuda_offset(dst, e,     false)) = ggml_cuda_cast<dst_t>(v.x);
-    *(dst_t *) (cdst + tq_cuda_offset(dst, e + 1, false)) = ggml_cuda_cast<dst_t>(v.y);
+    dequantize_tq<type>(cx + tq_cuda_offset(src, e, qk), 0, e % qk, v);
+    *(dst_t *) (cdst + tq_cuda_offset(dst, e,     1)) = ggml_cuda_cast<dst_t>(v.x);
+    *(dst_t *) (cdst + tq_cuda_offset(dst, e + 1, 1)) = ggml_cuda_cast<dst_t>(v.y);
 }
 
 bool ggml_cuda_tq_supports_cpy(const ggml_type src, const ggml_type dst) {
     const bool from_float = src == GGML_TYPE_F32 || src == GGML_TYPE_F16;
     const bool to_float   = dst == GGML_TYPE_F32 || dst == GGML_TYPE_F16;
-    return (from_float && tq_cuda_is_turbo(dst)) || (tq_cuda_is_turbo(src) && to_float);
+    return (from_float && tq_cuda_is_tq(dst)) || (tq_cuda_is_tq(src) && to_float);
 }
 
-template <int bits>
-static void tq_cpy_bits(const ggml_tensor * src0, ggml_tensor * src1, const tq_cpy_shape & s, const tq_cpy_shape & d,
+template <ggml_type type>
+static void tq_cpy_type(const ggml_tensor * src0, ggml_tensor * src1, const tq_cpy_shape & s, const tq_cpy_shape & d,
                         cudaStream_t stream) {
+    using F = tq_cuda_form<type>;
     const int64_t ne = ggml_nelements(src0);
-    if (tq_cuda_is_turbo(src1->type)) {
-        const int64_t nblocks = ne/QK_TQ;
+    if (tq_cuda_is_tq(src1->type)) {
+        const int64_t nblocks = ne/F::qk;
         const auto launch = [&](auto kernel_f32, auto kernel_f16, const dim3 grid_dims, const dim3 block_dims) {
             const ggml_cuda_kernel_launch_params lp(grid_dims, block_dims, 0, stream);
             if (src0->type == GGML_TYPE_F32) {
@@ -357,22 +514,25 @@ static void tq_cpy_bits(const ggml_tensor * src0, ggml_tensor * src1, const tq_c
                 ggml_cuda_kernel_launch(kernel_f16, lp, (const char *) src0->data, (char *) src1->data, nblocks, s, d);
             }
         };
-        if (nblocks <= TQ_CUDA_ENC_PARALLEL_MAX) {
-            launch(k_tq_cpy_to<bits, TQ_SCALE_STEPS, float>, k_tq_cpy_to<bits, TQ_SCALE_STEPS, half>,
+        GGML_ASSERT(nblocks/TQ_CUDA_WARPS_PER_BLOCK < INT_MAX);
+        const dim3 grid_warps((nblocks + TQ_CUDA_WARPS_PER_BLOCK - 1)/TQ_CUDA_WARPS_PER_BLOCK, 1, 1);
+        const dim3 block_warps(WARP_SIZE, TQ_CUDA_WARPS_PER_BLOCK, 1);
+        if constexpr (F::qk != QK_TQ) {
+            launch(k_tq_form_cpy_to<type, float>, k_tq_form_cpy_to<type, half>, grid_warps, block_warps);
+        } else if (nblocks <= TQ_CUDA_ENC_PARALLEL_MAX) {
+            launch(k_tq_cpy_to<F::bits, TQ_SCALE_STEPS, float>, k_tq_cpy_to<F::bits, TQ_SCALE_STEPS, half>,
                    dim3(nblocks, 1, 1), dim3(WARP_SIZE, TQ_SCALE_STEPS, 1));
         } else {
-            GGML_ASSERT(nblocks/TQ_CUDA_WARPS_PER_BLOCK < INT_MAX);
-            launch(k_tq_cpy_to<bits, 1, float>, k_tq_cpy_to<bits, 1, half>,
-                   dim3((nblocks + TQ_CUDA_WARPS_PER_BLOCK - 1)/TQ_CUDA_WARPS_PER_BLOCK, 1, 1), dim3(WARP_SIZE, TQ_CUDA_WARPS_PER_BLOCK, 1));
+            launch(k_tq_cpy_to<F::bits, 1, float>, k_tq_cpy_to<F::bits, 1, half>, grid_warps, block_warps);
         }
     } else {
         const int64_t npairs = ne/2;
         const int     nthr   = 256;
         const ggml_cuda_kernel_launch_params lp(dim3((npairs + nthr - 1)/nthr, 1, 1), dim3(nthr, 1, 1), 0, stream);
         if (src1->type == GGML_TYPE_F32) {
-            ggml_cuda_kernel_launch(k_tq_cpy_from<bits, float>, lp, (const char *) src0->data, (char *) src1->data, ne, s, d);
+            ggml_cuda_kernel_launch(k_tq_cpy_from<type, float>, lp, (const char *) src0->data, (char *) src1->data, ne, s, d);
         } else {
-            ggml_cuda_kernel_launch(k_tq_cpy_from<bits, half>, lp, (const char *) src0->data, (char *) src1->data, ne, s, d);
+            ggml_cuda_kernel_launch(k_tq_cpy_from<type, half>, lp, (const char *) src0->data, (char *) src1->data, ne, s, d);
         }
     }
     CUDA_CHECK(cudaGetLastError());
@@ -381,8 +541,8 @@ static void tq_cpy_bits(const ggml_tensor * src0, ggml_tensor * src1, const tq_c
 void ggml_cuda_tq_cpy(ggml_backend_cuda_context & ctx, const ggml_tensor * src0, ggml_tensor * src1) {
     GGML_ASSERT(ggml_cuda_tq_supports_cpy(src0->type, src1->type));
     GGML_ASSERT(ggml_nelements(src0) == ggml_nelements(src1));
-    const ggml_tensor * tq = tq_cuda_is_turbo(src0->type) ? src0 : src1;
-    GGML_ASSERT(tq->ne[0] % QK_TQ == 0);
+    const ggml_tensor * tq = tq_cuda_is_tq(src0->type) ? src0 : src1;
+    GGML_ASSERT(tq->ne[0] % ggml_blck_size(tq->type) == 0);
     if (ggml_nelements(src0) == 0) {
         return;
     }
@@ -390,29 +550,35 @@ void ggml_cuda_tq_cpy(ggml_backend_cuda_context & ctx, const ggml_tensor * src0,
     const tq_cpy_shape d = { src1->ne[0], src1->ne[1], src1->ne[2], (int64_t) src1->nb[0], (int64_t) src1->nb[1], (int64_t) src1->nb[2], (int64_t) src1->nb[3] };
     cudaStream_t stream = ctx.stream();
     switch (tq->type) {
-        case GGML_TYPE_TURBO2_0: tq_cpy_bits<2>(src0, src1, s, d, stream); break;
-        case GGML_TYPE_TURBO3_0: tq_cpy_bits<3>(src0, src1, s, d, stream); break;
-        case GGML_TYPE_TURBO4_0: tq_cpy_bits<4>(src0, src1, s, d, stream); break;
+#define TQ_CPY_CASE(T) case GGML_TYPE_##T: tq_cpy_type<GGML_TYPE_##T>(src0, src1, s, d, stream); break;
+        TQ_CUDA_ALL_FORMS(TQ_CPY_CASE)
+#undef TQ_CPY_CASE
         default: GGML_ABORT("fatal error");
     }
 }
 
-// GGML_OP_TURBO_K_ROT (ggml_turbo_k_rot, tq-offset.c) on one run of N values of a row, lane holding
-// values j*32 + lane: the scale and the transform (upstream's fwht_cuda butterflies: lane bits by
-// shuffles, then register bits); the offset is left to the caller
+// GGML_OP_TURBO_K_ROT (ggml_turbo_k_rot, tq-offset.c) on one run of N values of a row, L lanes per
+// run (a warp, or half of one for N = 16), lane holding values j*L + lane % L: the scale and the
+// transform (upstream's fwht_cuda butterflies: lane bits by shuffles, then register bits); the
+// offset is left to the caller
+static constexpr __device__ int tq_k_rot_lanes(const int N) {
+    return N < WARP_SIZE ? N : WARP_SIZE;
+}
+
 template <int N, bool rotate>
 static __device__ __forceinline__ void tq_cuda_k_rot_run(const float * xr, const float * a, const int mode, const float scale,
-                                                         const int lane, float (&reg)[N/WARP_SIZE]) {
-    constexpr int el = N/WARP_SIZE;
+                                                         const int lane, float (&reg)[N/tq_k_rot_lanes(N)]) {
+    constexpr int L  = tq_k_rot_lanes(N);
+    constexpr int el = N/L;
 #pragma unroll
     for (int j = 0; j < el; ++j) {
-        const int i = j*WARP_SIZE + lane;
+        const int i = j*L + lane % L;
         const float v = mode & GGML_TURBO_K_ROT_SCALE ? xr[i]*a[i] : mode & GGML_TURBO_K_ROT_INV_SCALE ? xr[i]/a[i] : xr[i];
         reg[j] = v*scale;
     }
     if constexpr (rotate) {
 #pragma unroll
-        for (int h = 1; h < WARP_SIZE; h *= 2) {
+        for (int h = 1; h < L; h *= 2) {
 #pragma unroll
             for (int j = 0; j < el; ++j) {
                 const float u = reg[j];
@@ -435,18 +601,21 @@ static __device__ __forceinline__ void tq_cuda_k_rot_run(const float * xr, const
     }
 }
 
-// one warp per run of N values of a row
+// one warp per run of N values of a row (two runs for N = 16)
 template <int N, bool rotate>
 static __global__ void k_tq_k_rot(const char * __restrict__ x, const float * __restrict__ k_off, float * __restrict__ dst,
         const int64_t nchunks, const int64_t n, const int64_t n_head_kv, const int64_t group, const int64_t ne1, const int64_t ne2,
         const int64_t nb1, const int64_t nb2, const int64_t nb3, const int mode, const float scale) {
     ggml_cuda_pdl_lc();
-    constexpr int el = N/WARP_SIZE;
-    const int64_t id = (int64_t) blockIdx.x*blockDim.y + threadIdx.y;
-    if (id >= nchunks) {
-        return;
-    }
+    constexpr int L  = tq_k_rot_lanes(N);
+    constexpr int el = N/L;
     const int     lane = threadIdx.x;
+    const int64_t id0  = ((int64_t) blockIdx.x*blockDim.y + threadIdx.y)*(WARP_SIZE/L);
+    if (id0 >= nchunks) {
+        return; // the whole warp
+    }
+    const bool    store = id0 + lane/L < nchunks; // the other half-warp's run may lie past the end
+    const int64_t id    = store ? id0 + lane/L : id0;
     const int64_t c    = (id % (n/N))*N;
     const int64_t r    = id / (n/N);
     const int64_t i1   = r % ne1;
@@ -458,8 +627,8 @@ static __global__ void k_tq_k_rot(const char * __restrict__ x, const float * __r
     tq_cuda_k_rot_run<N, rotate>(xr, off ? off + n*n_head_kv : nullptr, mode, scale, lane, reg);
     float * y = dst + r*n + c;
 #pragma unroll
-    for (int j = 0; j < el; ++j) {
-        const int i = j*WARP_SIZE + lane;
+    for (int j = 0; j < el && store; ++j) {
+        const int i = j*L + lane % L;
         y[i] = mode & GGML_TURBO_K_ROT_OFFSET ? reg[j] - off[i] : reg[j];
     }
 }
@@ -467,7 +636,7 @@ static __global__ void k_tq_k_rot(const char * __restrict__ x, const float * __r
 bool ggml_cuda_tq_supports_k_rot(const ggml_tensor * op) {
     const int nrot = ggml_get_op_params_i32(op, 0);
     return op->src[0]->type == GGML_TYPE_F32 && op->src[0]->nb[0] == sizeof(float) && ggml_is_contiguous(op) &&
-        op->src[0]->ne[0] % WARP_SIZE == 0 && (nrot == 0 || (nrot >= WARP_SIZE && nrot <= 512));
+        op->src[0]->ne[0] % 16 == 0 && (nrot == 0 || (nrot >= 16 && nrot <= 512));
 }
 
 void ggml_cuda_tq_k_rot(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
@@ -477,13 +646,14 @@ void ggml_cuda_tq_k_rot(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
     const int nrot = ggml_get_op_params_i32(dst, 0);
     const int mode = ggml_get_op_params_i32(dst, 1);
     const int64_t n = x->ne[0];
-    const int N = nrot > 0 ? nrot : WARP_SIZE;
+    const int N = nrot > 0 ? nrot : n % WARP_SIZE == 0 ? WARP_SIZE : 16;
     const int64_t nchunks = ggml_nrows(x)*(n/N);
     if (nchunks == 0) {
         return;
     }
     constexpr int rows_per_block = 4;
-    const dim3 grid_dims((nchunks + rows_per_block - 1)/rows_per_block, 1, 1);
+    const int64_t runs_per_block = rows_per_block*(N < WARP_SIZE ? WARP_SIZE/N : 1);
+    const dim3 grid_dims((nchunks + runs_per_block - 1)/runs_per_block, 1, 1);
     const dim3 block_dims(WARP_SIZE, rows_per_block, 1);
     const float scale = nrot > 0 ? 1.0f/sqrtf((float) nrot) : 1.0f;
     const auto launch = [&](auto kernel) {
@@ -493,7 +663,8 @@ void ggml_cuda_tq_k_rot(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
             (float *) dst->data, nchunks, n, n_head_kv, x->ne[1]/n_head_kv, x->ne[1], x->ne[2], x->nb[1], x->nb[2], x->nb[3], mode, scale);
     };
     switch (nrot) {
-        case   0: launch(k_tq_k_rot< 32, false>); break;
+        case   0: N == 16 ? launch(k_tq_k_rot<16, false>) : launch(k_tq_k_rot<32, false>); break;
+        case  16: launch(k_tq_k_rot< 16, true>);  break;
         case  32: launch(k_tq_k_rot< 32, true>);  break;
         case  64: launch(k_tq_k_rot< 64, true>);  break;
         case 128: launch(k_tq_k_rot<128, true>);  break;

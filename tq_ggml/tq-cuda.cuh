@@ -19,6 +19,23 @@ static constexpr __host__ __device__ int tq_cuda_bits(const ggml_type type) {
     return type == GGML_TYPE_TURBO2_0 ? 2 : type == GGML_TYPE_TURBO3_0 ? 3 : 4;
 }
 
+// The forms in blocks of 32 and 16 (head sizes 80, 96, 112; llama_kv_cache picks them): the encoder,
+// CPY, GET_ROWS and the converters. Flash attention reads them through upstream's conversion of K
+// and V to f16 (the MMA and tile kernels take head sizes 80-112; the vector kernel only 64-256).
+#define TQ_CUDA_SMALL_FORMS(X) \
+    X(TURBO2_0_B32) X(TURBO3_0_B32) X(TURBO4_0_B32) X(TURBO2_0_B16) X(TURBO3_0_B16) X(TURBO4_0_B16)
+#define TQ_CUDA_CASE(T) case GGML_TYPE_##T:
+
+static constexpr __host__ __device__ bool tq_cuda_is_small_form(const ggml_type type) {
+    return type == GGML_TYPE_TURBO2_0_B32 || type == GGML_TYPE_TURBO3_0_B32 || type == GGML_TYPE_TURBO4_0_B32 ||
+           type == GGML_TYPE_TURBO2_0_B16 || type == GGML_TYPE_TURBO3_0_B16 || type == GGML_TYPE_TURBO4_0_B16;
+}
+
+// any TurboQuant form (the kernels above that read blocks of 64 take tq_cuda_is_turbo only)
+static constexpr __host__ __device__ bool tq_cuda_is_tq(const ggml_type type) {
+    return tq_cuda_is_turbo(type) || tq_cuda_is_small_form(type);
+}
+
 template <int bits> struct tq_cuda_block;
 template <> struct tq_cuda_block<2> { typedef block_turbo2_0 type; };
 template <> struct tq_cuda_block<3> { typedef block_turbo3_0 type; };
@@ -31,6 +48,38 @@ static __constant__ float tq_cuda_centroids_4[16] = TQ_CENTROIDS_4;
 template <int bits>
 static __device__ __forceinline__ const float * tq_cuda_centroids() {
     return bits == 2 ? tq_cuda_centroids_2 : bits == 3 ? tq_cuda_centroids_3 : tq_cuda_centroids_4;
+}
+
+static __constant__ float tq_cuda_centroids32_2[4]  = TQ32_CENTROIDS_2;
+static __constant__ float tq_cuda_centroids32_3[8]  = TQ32_CENTROIDS_3;
+static __constant__ float tq_cuda_centroids32_4[16] = TQ32_CENTROIDS_4;
+static __constant__ float tq_cuda_centroids16_2[4]  = TQ16_CENTROIDS_2;
+static __constant__ float tq_cuda_centroids16_3[8]  = TQ16_CENTROIDS_3;
+static __constant__ float tq_cuda_centroids16_4[16] = TQ16_CENTROIDS_4;
+
+// one form of a type: its block, block size, bits and codebook
+template <ggml_type type> struct tq_cuda_form;
+#define TQ_CUDA_FORM(T, t, QK, BITS, CB)                                                    \
+    template <> struct tq_cuda_form<GGML_TYPE_##T> {                                       \
+        typedef block_##t block;                                                           \
+        static constexpr int qk   = QK;                                                    \
+        static constexpr int bits = BITS;                                                  \
+        static __device__ __forceinline__ const float * centroids() { return CB; }         \
+    };
+TQ_CUDA_FORM(TURBO2_0,     turbo2_0,     QK_TQ,   2, tq_cuda_centroids_2)
+TQ_CUDA_FORM(TURBO3_0,     turbo3_0,     QK_TQ,   3, tq_cuda_centroids_3)
+TQ_CUDA_FORM(TURBO4_0,     turbo4_0,     QK_TQ,   4, tq_cuda_centroids_4)
+TQ_CUDA_FORM(TURBO2_0_B32, turbo2_0_b32, QK_TQ32, 2, tq_cuda_centroids32_2)
+TQ_CUDA_FORM(TURBO3_0_B32, turbo3_0_b32, QK_TQ32, 3, tq_cuda_centroids32_3)
+TQ_CUDA_FORM(TURBO4_0_B32, turbo4_0_b32, QK_TQ32, 4, tq_cuda_centroids32_4)
+TQ_CUDA_FORM(TURBO2_0_B16, turbo2_0_b16, QK_TQ16, 2, tq_cuda_centroids16_2)
+TQ_CUDA_FORM(TURBO3_0_B16, turbo3_0_b16, QK_TQ16, 3, tq_cuda_centroids16_3)
+TQ_CUDA_FORM(TURBO4_0_B16, turbo4_0_b16, QK_TQ16, 4, tq_cuda_centroids16_4)
+#undef TQ_CUDA_FORM
+
+// the blocks-of-64 form of a bit width
+static constexpr __host__ __device__ ggml_type tq_cuda_type_of_bits(const int bits) {
+    return bits == 2 ? GGML_TYPE_TURBO2_0 : bits == 3 ? GGML_TYPE_TURBO3_0 : GGML_TYPE_TURBO4_0;
 }
 
 // The 8 indices of group g (values 8g..8g+7) of a block: bits bytes at qs + bits*g. Blocks are
@@ -52,28 +101,35 @@ static __device__ __forceinline__ uint32_t tq_cuda_load_group(const uint8_t * qs
 }
 
 // dequantize_kernel_t with qr == 1: values iqs and iqs + 1 of block ib (GET_ROWS, converters)
-template <int bits>
-static __device__ __forceinline__ void dequantize_turbo(const void * vx, const int64_t ib, const int iqs, float2 & v) {
-    const typename tq_cuda_block<bits>::type * x = (const typename tq_cuda_block<bits>::type *) vx + ib;
-    const float * cb = tq_cuda_centroids<bits>();
-    constexpr uint32_t mask = (1u << bits) - 1;
+template <ggml_type type>
+static __device__ __forceinline__ void dequantize_tq(const void * vx, const int64_t ib, const int iqs, float2 & v) {
+    using F = tq_cuda_form<type>;
+    const typename F::block * x = (const typename F::block *) vx + ib;
+    const float * cb = F::centroids();
+    constexpr uint32_t mask = (1u << F::bits) - 1;
 
     const float    d = __half2float(x->d);
-    const uint32_t w = tq_cuda_load_group<bits>(x->qs, iqs/8) >> (bits*(iqs%8));
-    v.x = d * cb[ w          & mask];
-    v.y = d * cb[(w >> bits) & mask];
+    const uint32_t w = tq_cuda_load_group<F::bits>(x->qs, iqs/8) >> (F::bits*(iqs%8));
+    v.x = d * cb[ w             & mask];
+    v.y = d * cb[(w >> F::bits) & mask];
+}
+
+template <int bits>
+static __device__ __forceinline__ void dequantize_turbo(const void * vx, const int64_t ib, const int iqs, float2 & v) {
+    dequantize_tq<tq_cuda_type_of_bits(bits)>(vx, ib, iqs, v);
 }
 
 // The contiguous F16/F32/BF16 converters (to_fp16_cuda and kin; the flash-attention prefill path
 // converts the whole K and V cache to f16 for every ubatch): a thread per group of 8 values, the
-// codebook in shared memory, one 16-byte store per thread for f16. The values of dequantize_turbo.
-template <int bits, bool vec_store, typename dst_t>
+// codebook in shared memory, one 16-byte store per thread for f16. The values of dequantize_tq.
+template <ggml_type type, bool vec_store, typename dst_t>
 static __global__ void k_tq_dequantize_cont(const void * __restrict__ vx, dst_t * __restrict__ y, const int64_t ngroups) {
     ggml_cuda_pdl_lc();
-    constexpr uint32_t mask = (1u << bits) - 1;
-    __shared__ float cb[1 << bits];
-    if (threadIdx.x < (1 << bits)) {
-        cb[threadIdx.x] = tq_cuda_centroids<bits>()[threadIdx.x];
+    using F = tq_cuda_form<type>;
+    constexpr uint32_t mask = (1u << F::bits) - 1;
+    __shared__ float cb[1 << F::bits];
+    if (threadIdx.x < (1 << F::bits)) {
+        cb[threadIdx.x] = F::centroids()[threadIdx.x];
     }
     __syncthreads();
 
@@ -82,13 +138,13 @@ static __global__ void k_tq_dequantize_cont(const void * __restrict__ vx, dst_t 
         return;
     }
     ggml_cuda_pdl_sync();
-    const typename tq_cuda_block<bits>::type * x = (const typename tq_cuda_block<bits>::type *) vx + i/8;
+    const typename F::block * x = (const typename F::block *) vx + i/(F::qk/8);
     const float    d = __half2float(x->d);
-    const uint32_t w = tq_cuda_load_group<bits>(x->qs, i % 8);
+    const uint32_t w = tq_cuda_load_group<F::bits>(x->qs, i % (F::qk/8));
     dst_t v[8];
 #pragma unroll
     for (int l = 0; l < 8; ++l) {
-        v[l] = ggml_cuda_cast<dst_t>(d * cb[(w >> (bits*l)) & mask]);
+        v[l] = ggml_cuda_cast<dst_t>(d * cb[(w >> (F::bits*l)) & mask]);
     }
     if constexpr (vec_store) {
 #pragma unroll
@@ -103,9 +159,9 @@ static __global__ void k_tq_dequantize_cont(const void * __restrict__ vx, dst_t 
     }
 }
 
-template <int bits, typename dst_t>
-static void tq_cuda_dequantize_cont(const void * __restrict__ vx, dst_t * __restrict__ y, const int64_t k, cudaStream_t stream) {
-    GGML_ASSERT(k % QK_TQ == 0);
+template <ggml_type type, typename dst_t>
+static void tq_cuda_dequantize_cont_form(const void * __restrict__ vx, dst_t * __restrict__ y, const int64_t k, cudaStream_t stream) {
+    GGML_ASSERT(k % tq_cuda_form<type>::qk == 0);
     const int64_t ngroups = k/8;
     constexpr int nthreads = 256;
     const dim3 grid_dims((ngroups + nthreads - 1)/nthreads, 1, 1);
@@ -114,11 +170,21 @@ static void tq_cuda_dequantize_cont(const void * __restrict__ vx, dst_t * __rest
     }
     const ggml_cuda_kernel_launch_params lp(grid_dims, dim3(nthreads, 1, 1), 0, stream);
     if ((uintptr_t) y % 16 == 0) {
-        ggml_cuda_kernel_launch(k_tq_dequantize_cont<bits, true, dst_t>, lp, vx, y, ngroups);
+        ggml_cuda_kernel_launch(k_tq_dequantize_cont<type, true, dst_t>, lp, vx, y, ngroups);
     } else {
-        ggml_cuda_kernel_launch(k_tq_dequantize_cont<bits, false, dst_t>, lp, vx, y, ngroups);
+        ggml_cuda_kernel_launch(k_tq_dequantize_cont<type, false, dst_t>, lp, vx, y, ngroups);
     }
 }
+
+template <int bits, typename dst_t>
+static void tq_cuda_dequantize_cont(const void * __restrict__ vx, dst_t * __restrict__ y, const int64_t k, cudaStream_t stream) {
+    tq_cuda_dequantize_cont_form<tq_cuda_type_of_bits(bits), dst_t>(vx, y, k, stream);
+}
+
+// converter cases of the smaller forms (convert.cu): contiguous, and strided (dequantize_block_cuda)
+#define TQ_CUDA_CONT_CASE(T) case GGML_TYPE_##T: return tq_cuda_dequantize_cont_form<GGML_TYPE_##T>;
+#define TQ_CUDA_NC_CASE(T)   \
+    case GGML_TYPE_##T: return dequantize_block_cuda<tq_cuda_form<GGML_TYPE_##T>::qk, 1, dequantize_tq<GGML_TYPE_##T>>;
 
 // Flash attention. The vector kernel gives each of nthreads = 8 threads one group of 8 values per
 // 64-value block (the f16 layout: Q sits in registers as float2, scaled). The codebooks go to
