@@ -37,3 +37,12 @@ def test_gemma3_head_256(bin_dir: Path, alice: Path) -> None:
     tq = runner.perplexity(gemma, alice, "tq4_0", "tq4_0", ctx=CTX, chunks=2)
     assert "K cache is TurboQuant tq4_0" in tq.log and "attn_rot_k = 1" in tq.log, tq.log[-3000:]
     assert tq.ppl / f16.ppl - 1 < 0.25, (tq.ppl, f16.ppl)
+
+
+def test_kv_size_counts_the_last_context_only() -> None:
+    # the fork's tools log a memory-fit probe context before the real one (lines as it prints them)
+    line = ("llama_kv_cache: size =   12.75 MiB (  2048 cells,  30 layers,  1/1 seqs), "
+            "K (turbo2):    5.98 MiB, V (turbo2):    6.77 MiB\n")
+    probe = "common_params_fit_impl: getting device memory data\nllama_context: constructing llama_context\n" + line
+    kv = runner.kv_size(probe + "llama_context: constructing llama_context\n" + line)
+    assert (kv.total_mib, kv.k_mib, kv.v_mib, kv.cells) == (12.75, 5.98, 6.77, 2048)

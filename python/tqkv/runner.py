@@ -41,8 +41,9 @@ def tool(name: str, cuda: bool = False) -> Path:
 
 
 def kv_size(log: str) -> KVSize:
-    """Sum of every KV cache the log reports (SWA models have two)."""
-    found = _KV.findall(log)
+    """Sum of every KV cache of the log's last context (SWA models have two). Builds that log a probe
+    context first (the fork's memory fit) report its caches too; they are not the run's."""
+    found = _KV.findall(log[max(0, log.rfind("llama_context: constructing llama_context")):])
     if not found:
         raise RuntimeError("no llama_kv_cache size line in the log")
     return KVSize(*(sum(float(f[i]) for f in found) for i in (0, 4, 6)), cells=max(int(f[1]) * int(f[2]) for f in found))
