@@ -159,3 +159,9 @@ def test_calibrate_budget_end_to_end(smollm2: Path, alice: Path, tmp_path: Path,
     r = _perplexity(model, alice, alloc.alloc_path(model, 2.75))
     assert r.returncode == 0 and "bit allocation from the calibration profile" in r.stderr, r.stderr[-3000:]
     assert quality.Config.parse("alloc:2.75").name == "alloc:2.75"
+    # ... and `tqkv niah` runs its grid on it as alloc:2.75, with the profile's bits
+    out = tmp_path / "niah"
+    assert cli.main(["niah", str(model), "--lengths", "512", "--depths", "0", "--seeds", "1", "--configs", "alloc:2.75",
+                     "--out", str(out), "--cache", str(tmp_path / "niah-cache")]) == 0
+    report = next(out.glob("*.md")).read_text()
+    assert f"| alloc:2.75 | {alloc.profile_bits(alloc.alloc_path(model, 2.75)):.2f} | " in report, report

@@ -82,7 +82,7 @@ def _niah(a: argparse.Namespace) -> None:
     label = f"{assets.label(a.model)}-{assets.label(a.text)}"
     outcomes = niah.run(model, assets.text_arg(a.text), a.lengths, a.depths, a.seeds, a.configs, out, a.cache,
                         a.cuda, label=label)
-    print(niah.summary(outcomes, label, quality.layer_count(model)))
+    print(niah.summary(outcomes, label, niah.config_bits(model, list(dict.fromkeys(o.config for o in outcomes)))))
     print(f"report: {out}", file=sys.stderr)
 
 

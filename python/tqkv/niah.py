@@ -41,7 +41,7 @@ import gguf
 import requests
 from tqdm import tqdm
 
-from . import assets, build, plot, profile, runner
+from . import alloc, assets, build, plot, profile, runner
 from .quality import Config, layer_count
 
 BASE = "f16/f16"
@@ -237,9 +237,6 @@ def run(model: Path, text: Path, lengths: list[int], depths: list[int], seeds: i
     """Every grid point under every configuration (f16 first); the report is out_dir/<label>.md/.json/.png.
     Outcomes are cached per point, so a rerun resumes."""
     cfgs = [Config.parse(c) for c in dict.fromkeys([BASE, *configs])]  # f16 first: the baseline
-    if any(c.budget for c in cfgs):
-        raise ValueError("tqkv niah scores uniform K/V pairs; for a bit allocation run llama-server with "
-                         "--kv-profile on its profile (tqkv calibrate MODEL --budget BITS)")
     if cuda:
         runner.require_cuda()
     if seeds < 1:
@@ -252,9 +249,17 @@ def run(model: Path, text: Path, lengths: list[int], depths: list[int], seeds: i
     cache = cache or assets.cache_dir() / "niah"
     cache.mkdir(parents=True, exist_ok=True)
     prof = profile.ensure(model)
-    outcomes = [o for c in cfgs for o in run_config(model, c, points, cache, prof, cuda)]
-    write_report(outcomes, out_dir, label, layer_count(model))
+    # a bit allocation (alloc:BITS) runs on its allocated profile, made on first use (alloc.ensure)
+    outcomes = [o for c in cfgs for o in run_config(model, c, points, cache,
+                                                    alloc.ensure(model, c.budget) if c.budget else prof, cuda)]
+    write_report(outcomes, out_dir, label, config_bits(model, [c.name for c in cfgs]))
     return outcomes
+
+
+def config_bits(model: Path, names: list[str]) -> dict[str, float]:
+    """Bits per value of each configuration on model: an allocation's from its profile."""
+    return {name: alloc.profile_bits(alloc.alloc_path(model, c.budget)) if (c := Config.parse(name)).budget
+            else c.bits(layer_count(model)) for name in names}
 
 
 def _cells(outcomes: list[Outcome]) -> dict[str, dict[tuple[int, int], int]]:
@@ -271,7 +276,7 @@ def _axes(outcomes: list[Outcome]) -> tuple[list[int], list[int], int]:
     return sorted({o.length for o in outcomes}), sorted({o.depth for o in outcomes}), len({o.seed for o in outcomes})
 
 
-def summary(outcomes: list[Outcome], title: str, n_layer: int) -> str:
+def summary(outcomes: list[Outcome], title: str, bits: dict[str, float]) -> str:
     cells = _cells(outcomes)
     base = cells[BASE]
     lengths, depths, seeds = _axes(outcomes)
@@ -281,7 +286,7 @@ def summary(outcomes: list[Outcome], title: str, n_layer: int) -> str:
              "| K / V | bits/value | passed | vs f16 |", "|---|---|---|---|"]
     for name, cell in cells.items():
         total, delta = sum(cell.values()), sum(cell.values()) - sum(base.values())
-        lines.append(f"| {name} | {Config.parse(name).bits(n_layer):.2f} | {total}/{len(cell) * seeds} | "
+        lines.append(f"| {name} | {bits[name]:.2f} | {total}/{len(cell) * seeds} | "
                      f"{'' if name == BASE else f'{delta:+d}'} |")
     diffs = [f"| {name} | {length} | {depth}% | {cell[length, depth]}/{seeds} | {base[length, depth]}/{seeds} |"
              for name, cell in cells.items() for (length, depth) in sorted(cell)
@@ -291,9 +296,9 @@ def summary(outcomes: list[Outcome], title: str, n_layer: int) -> str:
     return "\n".join(lines)
 
 
-def write_report(outcomes: list[Outcome], out_dir: Path, stem: str, n_layer: int) -> None:
+def write_report(outcomes: list[Outcome], out_dir: Path, stem: str, bits: dict[str, float]) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{stem}.md").write_text(summary(outcomes, stem, n_layer) + "\n")
+    (out_dir / f"{stem}.md").write_text(summary(outcomes, stem, bits) + "\n")
     (out_dir / f"{stem}.json").write_text(json.dumps([asdict(o) for o in outcomes], indent=1) + "\n")
     plt = plot.pyplot()
     if plt is None:
