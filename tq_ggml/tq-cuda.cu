@@ -106,6 +106,61 @@ static __device__ __forceinline__ int tq_cuda_pick_candidate(const double g, con
     return best;
 }
 
+// Lane s's candidate scale s over a block of n values in the CPU's loop order, value i from value(i)
+// (a shuffle; the same in every lane): <x,c> and <c,c> of its cells c. Thresholds and centroids sit
+// in registers, and the centroid is picked by selects along the ascending thresholds.
+template <int bits, int n, typename value_t>
+static __device__ __forceinline__ void tq_cuda_candidate_sums(const float norm, const int lane, const float * bnd,
+                                                              const float * cbk, const value_t value, double & xc,
+                                                              double & cc) {
+    const float sc = tq_cuda_candidate_scale(norm, lane < TQ_SCALE_STEPS ? lane : 0);
+    float thr[(1 << bits) - 1];
+    float cen[1 << bits];
+#pragma unroll
+    for (int j = 0; j < (1 << bits) - 1; ++j) {
+        thr[j] = __fmul_rn(bnd[j], sc);
+    }
+#pragma unroll
+    for (int j = 0; j < (1 << bits); ++j) {
+        cen[j] = cbk[j];
+    }
+    xc = 0.0;
+    cc = 0.0;
+#pragma unroll 8
+    for (int i = 0; i < n; ++i) {
+        const float v = value(i);
+        float c = cen[0];
+#pragma unroll
+        for (int j = 0; j < (1 << bits) - 1; ++j) {
+            c = v > thr[j] ? cen[j + 1] : c;
+        }
+        xc += (double) v*c;
+        cc += (double) c*c;
+    }
+}
+
+// A block's store: the words w of each group of L lanes (their indices shifted into place) are OR-ed
+// across the group, the group's first lane writes its bits bytes (groups < ngroups), lane 0 the scale
+template <int bits, int L, typename block_t>
+static __device__ __forceinline__ void tq_cuda_store_block(uint32_t w, const int lane, const int ngroups, const float scale,
+                                                           block_t * y) {
+#pragma unroll
+    for (int o = 1; o < L; o *= 2) {
+        w |= __shfl_xor_sync(0xFFFFFFFF, w, o, WARP_SIZE);
+    }
+    if (lane % L == 0 && lane/L < ngroups) {
+        uint8_t * p = y->qs + bits*(lane/L);
+#pragma unroll
+        for (int j = 0; j < bits; ++j) {
+            p[j] = (uint8_t) (w >> (8*j));
+        }
+    }
+    if (lane == 0) {
+        const float d = scale > TQ_D_MAX && !isinf(scale) ? TQ_D_MAX : scale;
+        y->d = __ushort_as_half(tq_cuda_fp16_bits(d));
+    }
+}
+
 // The scale search of one block, lane l of a warp holding values 2l and 2l+1, in one of two shapes:
 // nwarps == 1: lane s of the warp tries candidate s over the block's 64 values in the CPU's order
 // (prompts: many blocks, throughput); nwarps == TQ_SCALE_STEPS: the warps of a thread block share
@@ -141,34 +196,11 @@ static __device__ void tq_cuda_quantize_block(const float x0, const float x1, ty
         double xc_best;
         double cc_best;
         if constexpr (nwarps == 1) {
-            // the CPU's loop order: value pairs arrive by shuffles, thresholds and centroids sit in
-            // registers, and the centroid is picked by selects along the ascending thresholds
-            const float * bnd = tq_cuda_boundaries<bits>();
-            const float * cbk = tq_cuda_centroids<bits>();
-            const float   sc  = tq_cuda_candidate_scale(norm, lane < TQ_SCALE_STEPS ? lane : 0);
-            float thr[(1 << bits) - 1];
-            float cen[1 << bits];
-#pragma unroll
-            for (int j = 0; j < (1 << bits) - 1; ++j) {
-                thr[j] = __fmul_rn(bnd[j], sc);
-            }
-#pragma unroll
-            for (int j = 0; j < (1 << bits); ++j) {
-                cen[j] = cbk[j];
-            }
-            double xc = 0.0;
-            double cc = 0.0;
-#pragma unroll 8
-            for (int i = 0; i < QK_TQ; ++i) {
-                const float v = __shfl_sync(0xFFFFFFFF, i % 2 ? x1 : x0, i/2, WARP_SIZE);
-                float c = cen[0];
-#pragma unroll
-                for (int j = 0; j < (1 << bits) - 1; ++j) {
-                    c = v > thr[j] ? cen[j + 1] : c;
-                }
-                xc += (double) v*c;
-                cc += (double) c*c;
-            }
+            // the CPU's loop order: value pairs arrive by shuffles
+            double xc;
+            double cc;
+            tq_cuda_candidate_sums<bits, QK_TQ>(norm, lane, tq_cuda_boundaries<bits>(), tq_cuda_centroids<bits>(),
+                [&](const int i) { return __shfl_sync(0xFFFFFFFF, i % 2 ? x1 : x0, i/2, WARP_SIZE); }, xc, cc);
             best    = tq_cuda_pick_candidate(xc*xc/cc, lane);
             xc_best = __shfl_sync(0xFFFFFFFF, xc, best < 0 ? 0 : best, WARP_SIZE);
             cc_best = __shfl_sync(0xFFFFFFFF, cc, best < 0 ? 0 : best, WARP_SIZE);
@@ -209,21 +241,8 @@ static __device__ void tq_cuda_quantize_block(const float x0, const float x1, ty
         return;
     }
 
-    // group g (values 8g..8g+7) is lanes 4g..4g+3: assemble its bits-byte word across them
-    uint32_t w = (uint32_t) (k0 | (k1 << bits)) << (2*bits*(lane % 4));
-    w |= __shfl_xor_sync(0xFFFFFFFF, w, 1, WARP_SIZE);
-    w |= __shfl_xor_sync(0xFFFFFFFF, w, 2, WARP_SIZE);
-    if (lane % 4 == 0) {
-        uint8_t * p = y->qs + bits*(lane/4);
-#pragma unroll
-        for (int j = 0; j < bits; ++j) {
-            p[j] = (uint8_t) (w >> (8*j));
-        }
-    }
-    if (lane == 0) {
-        const float d = scale > TQ_D_MAX && !isinf(scale) ? TQ_D_MAX : scale;
-        y->d = __ushort_as_half(tq_cuda_fp16_bits(d));
-    }
+    // group g (values 8g..8g+7) is lanes 4g..4g+3
+    tq_cuda_store_block<bits, 4>((uint32_t) (k0 | (k1 << bits)) << (2*bits*(lane % 4)), lane, QK_TQ/8, scale, y);
 }
 
 // The forms in blocks of 32 and 16: a warp per block, lane i < qk holding value i (the others 0).
@@ -255,31 +274,10 @@ static __device__ void tq_cuda_quantize_form(const float x, typename tq_cuda_for
             scale = __shfl_sync(0xFFFFFFFF, x, __ffs(nan_lanes) - 1, WARP_SIZE);
         }
     } else {
-        const float * cbk = F::centroids();
-        const float   sc  = tq_cuda_candidate_scale(norm, lane < TQ_SCALE_STEPS ? lane : 0);
-        float thr[(1 << bits) - 1];
-        float cen[1 << bits];
-#pragma unroll
-        for (int j = 0; j < (1 << bits) - 1; ++j) {
-            thr[j] = __fmul_rn(bnd[j], sc);
-        }
-#pragma unroll
-        for (int j = 0; j < (1 << bits); ++j) {
-            cen[j] = cbk[j];
-        }
-        double xc = 0.0;
-        double cc = 0.0;
-#pragma unroll
-        for (int i = 0; i < qk; ++i) {
-            const float v = __shfl_sync(0xFFFFFFFF, x, i, WARP_SIZE);
-            float c = cen[0];
-#pragma unroll
-            for (int j = 0; j < (1 << bits) - 1; ++j) {
-                c = v > thr[j] ? cen[j + 1] : c;
-            }
-            xc += (double) v*c;
-            cc += (double) c*c;
-        }
+        double xc;
+        double cc;
+        tq_cuda_candidate_sums<bits, qk>(norm, lane, bnd, F::centroids(),
+            [&](const int i) { return __shfl_sync(0xFFFFFFFF, x, i, WARP_SIZE); }, xc, cc);
         int best = tq_cuda_pick_candidate(xc*xc/cc, lane);
         const double xc_best = __shfl_sync(0xFFFFFFFF, xc, best < 0 ? 0 : best, WARP_SIZE);
         const double cc_best = __shfl_sync(0xFFFFFFFF, cc, best < 0 ? 0 : best, WARP_SIZE);
@@ -291,22 +289,8 @@ static __device__ void tq_cuda_quantize_form(const float x, typename tq_cuda_for
         s_idx = tq_cuda_candidate_scale(norm, best);
     }
 
-    // group g (values 8g..8g+7) is lanes 8g..8g+7: assemble its bits-byte word across them
-    uint32_t w = (uint32_t) tq_cuda_index<bits>(x, s_idx, bnd) << (bits*(lane % 8));
-    w |= __shfl_xor_sync(0xFFFFFFFF, w, 1, WARP_SIZE);
-    w |= __shfl_xor_sync(0xFFFFFFFF, w, 2, WARP_SIZE);
-    w |= __shfl_xor_sync(0xFFFFFFFF, w, 4, WARP_SIZE);
-    if (lane < qk && lane % 8 == 0) {
-        uint8_t * p = y->qs + bits*(lane/8);
-#pragma unroll
-        for (int j = 0; j < bits; ++j) {
-            p[j] = (uint8_t) (w >> (8*j));
-        }
-    }
-    if (lane == 0) {
-        const float d = scale > TQ_D_MAX && !isinf(scale) ? TQ_D_MAX : scale;
-        y->d = __ushort_as_half(tq_cuda_fp16_bits(d));
-    }
+    // group g (values 8g..8g+7) is lanes 8g..8g+7
+    tq_cuda_store_block<bits, 8>((uint32_t) tq_cuda_index<bits>(x, s_idx, bnd) << (bits*(lane % 8)), lane, qk/8, scale, y);
 }
 
 template <typename src_t>
