@@ -36,11 +36,6 @@ static constexpr __host__ __device__ bool tq_cuda_is_tq(const ggml_type type) {
     return tq_cuda_is_turbo(type) || tq_cuda_is_small_form(type);
 }
 
-template <int bits> struct tq_cuda_block;
-template <> struct tq_cuda_block<2> { typedef block_turbo2_0 type; };
-template <> struct tq_cuda_block<3> { typedef block_turbo3_0 type; };
-template <> struct tq_cuda_block<4> { typedef block_turbo4_0 type; };
-
 static __constant__ float tq_cuda_centroids_2[4]  = TQ_CENTROIDS_2;
 static __constant__ float tq_cuda_centroids_3[8]  = TQ_CENTROIDS_3;
 static __constant__ float tq_cuda_centroids_4[16] = TQ_CENTROIDS_4;
@@ -81,6 +76,11 @@ TQ_CUDA_FORM(TURBO4_0_B16, turbo4_0_b16, QK_TQ16, 4, tq_cuda_centroids16_4)
 static constexpr __host__ __device__ ggml_type tq_cuda_type_of_bits(const int bits) {
     return bits == 2 ? GGML_TYPE_TURBO2_0 : bits == 3 ? GGML_TYPE_TURBO3_0 : GGML_TYPE_TURBO4_0;
 }
+
+// the block of the blocks-of-64 form of a bit width
+template <int bits> struct tq_cuda_block {
+    typedef typename tq_cuda_form<tq_cuda_type_of_bits(bits)>::block type;
+};
 
 // The 8 indices of group g (values 8g..8g+7) of a block: bits bytes at qs + bits*g. Blocks are
 // 2-byte aligned (an fp16 scale, then an even number of index bytes), so 16-bit loads are: one for
