@@ -477,15 +477,10 @@ static __global__ void k_tq_cpy_from(const char * __restrict__ cx, char * __rest
     *(dst_t *) (cdst + tq_cuda_offset(dst, e + 1, 1)) = ggml_cuda_cast<dst_t>(v.y);
 }
 
-bool ggml_cuda_tq_stores(const ggml_type type) {
-    static const bool small_forms = getenv("GGML_TQ_CUDA_SMALL_FORMS") != nullptr && atoi(getenv("GGML_TQ_CUDA_SMALL_FORMS")) != 0;
-    return tq_cuda_is_turbo(type) || (small_forms && tq_cuda_is_small_form(type));
-}
-
 bool ggml_cuda_tq_supports_cpy(const ggml_type src, const ggml_type dst) {
     const bool from_float = src == GGML_TYPE_F32 || src == GGML_TYPE_F16;
     const bool to_float   = dst == GGML_TYPE_F32 || dst == GGML_TYPE_F16;
-    return (from_float && ggml_cuda_tq_stores(dst)) || (tq_cuda_is_tq(src) && to_float);
+    return (from_float && tq_cuda_is_tq(dst)) || (tq_cuda_is_tq(src) && to_float);
 }
 
 template <ggml_type type>

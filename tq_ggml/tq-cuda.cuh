@@ -273,10 +273,6 @@ struct ggml_backend_cuda_context;
 void ggml_cuda_tq_set_rows(ggml_backend_cuda_context & ctx, const ggml_tensor * src0, const ggml_tensor * src1, ggml_tensor * dst);
 void ggml_cuda_tq_cpy(ggml_backend_cuda_context & ctx, const ggml_tensor * src0, ggml_tensor * src1);
 bool ggml_cuda_tq_supports_cpy(ggml_type src, ggml_type dst);
-// whether CUDA stores (SET_ROWS, CPY into) a TurboQuant type: the forms in blocks of 64 always; the
-// forms in blocks of 32 and 16 only with GGML_TQ_CUDA_SMALL_FORMS=1, as their kernels have not passed
-// the CUDA tests on a GPU yet (without a store, llama keeps such a cache off the GPU with a clear error)
-bool ggml_cuda_tq_stores(ggml_type type);
 // GGML_OP_TURBO_K_ROT: H(x*a) - off or H(x/a) (ggml_turbo_k_rot)
 void ggml_cuda_tq_k_rot(ggml_backend_cuda_context & ctx, ggml_tensor * dst);
 bool ggml_cuda_tq_supports_k_rot(const ggml_tensor * op);
