@@ -314,7 +314,6 @@ def describe(alloc: profile.Alloc, costs: Costs) -> str:
             f"predicted KLD {predicted(alloc, costs):.4f}")
 
 
-
 def profile_bits(path: Path) -> float:
     """The average bits per value of a profile's allocation, each layer weighted by its width."""
     prof = profile.read(path)
@@ -322,6 +321,7 @@ def profile_bits(path: Path) -> float:
         raise ValueError(f"{path}: a profile without a bit allocation")
     return _avg_bits(prof.alloc, {il: int(k_mean.size) for il, (k_mean, _) in prof.layers.items()},
                      {il: int(k_mean.shape[-1]) for il, (k_mean, _) in prof.layers.items()})
+
 
 def ensure(model: Path, budget: float) -> Path:
     """The model's allocated profile for budget (alloc_path), made with the default calibration text
