@@ -46,7 +46,8 @@ def peer_scores(bin_dir: Path, name: str, model: Path, text: Path, ctx: int, chu
     if not base.exists():
         _run(ppl, ["-m", str(model), "-f", str(text), "-c", str(ctx), "--chunks", str(chunks),
                    "--kl-divergence-base", str(base), "-fa", "on", "-ctk", "f16", "-ctv", "f16"])
-    values = sum(k_mean.size for k_mean, _ in profile.read(profile.ensure(model)).layers.values())
+    layers = profile.read(profile.ensure(model)).layers.values()
+    width = sum(k_mean.size for k_mean, _ in layers) // len(layers)  # values per K row (n_embd_k_gqa)
     scores = []
     for pair in pairs:
         out = cache / f"peer-score-{tag}-{pair.replace('/', '-')}.json"
@@ -56,10 +57,8 @@ def peer_scores(bin_dir: Path, name: str, model: Path, text: Path, ctx: int, chu
         k, v = pair.split("/")
         log = _run(ppl, ["-m", str(model), "-c", str(ctx), "--kl-divergence-base", str(base), "--kl-divergence",
                          "-fa", "on", "-ctk", k, "-ctv", v, "-lv", "4"])
-        kv = runner.kv_size(log)
         vals = {f: float(re.search(p, log).group(1)) for f, p in quality._FIELDS.items()}
-        bits = kv.total_mib * 2**20 * 8 / (kv.cells * 2 * values)
-        s = quality.Score(f"{name}:{pair}", bits, **vals)
+        s = quality.Score(f"{name}:{pair}", runner.kv_size(log).bits_per_value(width), **vals)
         out.write_text(json.dumps(asdict(s)))
         scores.append(s)
     return scores

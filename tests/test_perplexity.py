@@ -45,4 +45,17 @@ def test_kv_size_counts_the_last_context_only() -> None:
             "K (turbo2):    5.98 MiB, V (turbo2):    6.77 MiB\n")
     probe = "common_params_fit_impl: getting device memory data\nllama_context: constructing llama_context\n" + line
     kv = runner.kv_size(probe + "llama_context: constructing llama_context\n" + line)
-    assert (kv.total_mib, kv.k_mib, kv.v_mib, kv.cells) == (12.75, 5.98, 6.77, 2048)
+    assert (kv.total_mib, kv.k_mib, kv.v_mib, kv.cells, kv.rows) == (12.75, 5.98, 6.77, 2048, 2048 * 30)
+
+
+def test_kv_size_counts_the_sliding_window_cache() -> None:
+    # Gemma-3-270M at -c 2048 (lines as our build prints them): 3 global layers hold 2048 cells, the
+    # 15 sliding-window layers 1024; the bits per value are the type's own (one KV head of 256)
+    log = ("llama_context: constructing llama_context\n"
+           "llama_kv_cache: size =    1.59 MiB (  2048 cells,   3 layers,  1/1 seqs), "
+           "K (turbo4_0):    0.80 MiB, V (turbo4_0):    0.80 MiB\n"
+           "llama_kv_cache: size =    3.98 MiB (  1024 cells,  15 layers,  1/1 seqs), "
+           "K (turbo4_0):    1.99 MiB, V (turbo4_0):    1.99 MiB\n")
+    kv = runner.kv_size(log)
+    assert kv.total_mib == pytest.approx(5.57) and (kv.cells, kv.rows) == (2048, 2048 * 3 + 1024 * 15)
+    assert kv.bits_per_value(256) == pytest.approx(4.25, rel=0.01)

@@ -16,8 +16,8 @@ import requests
 from . import build
 
 _PPL = re.compile(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)")
-_KV = re.compile(r"llama_kv_cache: size = +([0-9.]+) MiB \( *(\d+) cells, +\d+ layers, +\d+/(\d+) seqs\), "
-                 r"K \((\w+)\): +([0-9.]+) MiB, V \((\w+)\): +([0-9.]+) MiB")
+_KV = re.compile(r"llama_kv_cache: size = +(?P<mib>[0-9.]+) MiB \( *(?P<cells>\d+) cells, +(?P<layers>\d+) layers, "
+                 r"+\d+/(?P<seqs>\d+) seqs\), K \(\w+\): +(?P<k>[0-9.]+) MiB, V \(\w+\): +(?P<v>[0-9.]+) MiB")
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,12 @@ class KVSize:
     k_mib: float
     v_mib: float
     cells: int  # tokens the cache holds, all streams (llama-perplexity runs several when ctx < batch)
+    rows: int   # K (and V) rows held: cells x layers, summed over the caches (an SWA cache holds fewer cells)
+
+    def bits_per_value(self, width: int) -> float:
+        """The bits per value the caches really spend, every layer's K and V rows being width values
+        (n_embd_k_gqa): a build that pads a row or keeps some layers in another type pays for it here."""
+        return self.total_mib * 2**20 * 8 / (2 * self.rows * width)
 
 
 @dataclass(frozen=True)
@@ -43,10 +49,12 @@ def tool(name: str, cuda: bool = False) -> Path:
 def kv_size(log: str) -> KVSize:
     """Sum of every KV cache of the log's last context (SWA models have two). Builds that log a probe
     context first (the fork's memory fit) report its caches too; they are not the run's."""
-    found = _KV.findall(log[max(0, log.rfind("llama_context: constructing llama_context")):])
+    found = [m.groupdict() for m in _KV.finditer(log[max(0, log.rfind("llama_context: constructing llama_context")):])]
     if not found:
         raise RuntimeError("no llama_kv_cache size line in the log")
-    return KVSize(*(sum(float(f[i]) for f in found) for i in (0, 4, 6)), cells=max(int(f[1]) * int(f[2]) for f in found))
+    return KVSize(*(sum(float(f[g]) for f in found) for g in ("mib", "k", "v")),
+                  cells=max(int(f["cells"]) * int(f["seqs"]) for f in found),
+                  rows=sum(int(f["cells"]) * int(f["seqs"]) * int(f["layers"]) for f in found))
 
 
 def cache_args(k: str, v: str) -> list[str]:
