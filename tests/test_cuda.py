@@ -13,12 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from tqkv import build, parity, synth, types
+from tqkv import build, parity, runner, synth, types
 from tqkv.ggml_lib import Backend
 
 from test_ggml_tests import CASES, SMALL_CASES, run_backend_ops
 from test_head_sizes import kld_run
 from test_parity import K_ROT_CASES, check_k_rot
+from test_rpc import _KV_BUF, ops_by_device
 
 CUDA_BIN = build.Layout().bin_dir(cuda=True)
 
@@ -30,6 +31,12 @@ def test_backend_ops_cuda_vs_cpu(op: str) -> None:
     # every case runs on CUDA, the smaller blocks' forms among them (none is "not supported")
     out = run_backend_ops(CUDA_BIN, "CUDA0", op, CASES[op] + SMALL_CASES.get(op, 0))
     assert "not supported" not in out, out[-4000:]
+
+
+@pytest.mark.parametrize("op", ["FLASH_ATTN_EXT", "TURBO_FATTN_FUSED"])
+def test_float_decode_kernel_cuda_vs_cpu(op: str) -> None:
+    # GPUs older than Ampere decode on the float kernel, which newer ones take only when told to
+    run_backend_ops(CUDA_BIN, "CUDA0", op, CASES[op] + SMALL_CASES.get(op, 0), env={"GGML_TQ_CUDA_NO_MMA": "1"})
 
 
 def test_parity_cuda() -> None:
@@ -82,3 +89,34 @@ def test_llama_cpp_python_on_cuda(smollm2: Path, k: str, v: str) -> None:
     ggml_name = {t: t.replace("tq", "turbo") for t in (k, v)}  # ggml's type names: turbo3_0, q8_0
     assert re.search(rf"K \({ggml_name[k]}\): .* V \({ggml_name[v]}\)", r.stderr), r.stderr[-4000:]
     assert "Paris" in r.stdout, r.stdout
+
+
+def test_rpc_split_on_cuda(alice: Path, tmp_path: Path, monkeypatch) -> None:
+    """llama.cpp's RPC backend on the GPU: a model's 6 layers split over two CUDA ggml-rpc-server
+    processes and the local GPU (one card, three processes) give the perplexity of one process to
+    the last digit, each device holds its layers' TurboQuant cache, and each server runs their key
+    transform, stores and attention on CUDA."""
+    model = synth.write_llama(tmp_path / "m.gguf", n_layer=6, n_embd=512, n_head=4, n_head_kv=2)
+    args = ("-ngl", "99")
+    one = runner.perplexity(model, alice, "tq3_0", "tq2_0", ctx=256, chunks=3, extra=args, cuda=True)
+    env = {"GGML_RPC_DEBUG": "1"}
+    with runner.RpcServer(env=env, cuda=True) as a, runner.RpcServer(env=env, cuda=True) as b:
+        monkeypatch.setenv("GGML_SCHED_DEBUG", "2")
+        # llama.cpp puts the RPC devices first: a third of the layers each, the rest and the output here
+        split = runner.perplexity(model, alice, "tq3_0", "tq2_0", ctx=256, chunks=3, cuda=True,
+                                  extra=(*args, "--rpc", f"{a.endpoint},{b.endpoint}", "-ts", "1,1,1", "-v"))
+        served = [s.output() for s in (a, b)]
+    assert split.ppl == one.ppl, (split.ppl, one.ppl)
+    remote = {f"RPC0[{s.endpoint}]" for s in (a, b)}
+    kv = {dev: float(mib) for dev, mib in _KV_BUF.findall(split.log)}
+    assert set(kv) == {"CUDA0", *remote}, kv
+    one_kv = [float(mib) for _, mib in _KV_BUF.findall(one.log)]
+    assert abs(sum(kv.values()) - sum(one_kv)) < 0.02, (kv, one_kv)
+    ops = ops_by_device(split.log)
+    for dev in remote:
+        n = ops[dev]["FLASH_ATTN"]
+        assert n >= 1 and ops[dev] == {"FLASH_ATTN": n, "SET_ROWS": 2 * n, "TURBO_K_RO": 3 * n}, dict(ops)
+    assert sum(ops[dev]["FLASH_ATTN"] for dev in ops) == 6, dict(ops)
+    # a CUDA build's server serves the GPUs it finds (its CPU only where it finds none)
+    for out in served:
+        assert "ggml_cuda_init: found" in out and "[graph_compute] device: 0" in out, out[-2000:]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -27,18 +28,19 @@ def test_quantize_fns(bin_dir: Path) -> None:
 # scale/rotation/offset op (patches/0010), its store into the cache (fused on CUDA, patches/0012) and
 # a decode step's attention with the query's transform and the output rotation (fused on CUDA,
 # patches/0015), every case of which is ours
-CASES = {"SET_ROWS": 21, "GET_ROWS": 9, "CPY": 30, "FLASH_ATTN_EXT": 189, "TURBO_K_ROT": 28, "TURBO_K_ROT_SET_ROWS": 30,
+CASES = {"SET_ROWS": 21, "GET_ROWS": 9, "CPY": 30, "FLASH_ATTN_EXT": 195, "TURBO_K_ROT": 28, "TURBO_K_ROT_SET_ROWS": 30,
          "TURBO_FATTN_FUSED": 23}
 # and the forms in blocks of 16 (head sizes 80/96/112) and 32 (96), with the key rotation in runs of
 # 16 and 32 at those head sizes
 SMALL_CASES = {"SET_ROWS": 24, "GET_ROWS": 12, "CPY": 36, "FLASH_ATTN_EXT": 156, "TURBO_K_ROT": 15}
 
 
-def run_backend_ops(bin_dir: Path, backend: str, op: str, n: int) -> str:
-    """test-backend-ops on the TurboQuant cases of op; asserts that n of them ran and all passed."""
+def run_backend_ops(bin_dir: Path, backend: str, op: str, n: int, env: dict[str, str] | None = None) -> str:
+    """test-backend-ops on the TurboQuant cases of op (env: extra environment); asserts that n of
+    them ran and all passed."""
     only_tq = [] if op.startswith("TURBO_K_ROT") else ["-p", "turbo"]
     r = subprocess.run([str(bin_dir / "test-backend-ops"), "test", "-b", backend, "-o", op, *only_tq],
-                       capture_output=True, text=True, timeout=1200)
+                       capture_output=True, text=True, timeout=1200, env={**os.environ, **(env or {})})
     out = re.sub(r"\x1b\[[0-9;]*m", "", r.stdout + r.stderr)
     assert r.returncode == 0, out[-4000:]
     assert f"{n}/{n} tests passed" in out, out[-4000:]

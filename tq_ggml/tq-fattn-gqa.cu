@@ -5,16 +5,16 @@
 #include "../ggml-cuda/fwht.cuh"
 #include "../ggml-impl.h"
 
-// GGML_TQ_CUDA_NO_MMA=1 keeps head size 128 on the float kernel (for comparisons)
-static bool tq_fattn_use_mma(const int D) {
+// tensor cores on Ampere and newer; GGML_TQ_CUDA_NO_MMA=1 keeps the float kernel (for comparisons)
+static bool tq_fattn_use_mma() {
     static const bool off = [] { const char * e = getenv("GGML_TQ_CUDA_NO_MMA"); return e && atoi(e) != 0; }();
-    return D == TQ_FATTN_MMA_D && !off && ampere_mma_available(ggml_cuda_info().devices[ggml_cuda_get_device()].cc);
+    return !off && ampere_mma_available(ggml_cuda_info().devices[ggml_cuda_get_device()].cc);
 }
 
 template <int D, ggml_type type_K, ggml_type type_V>
 static void tq_fattn_gqa_D(ggml_backend_cuda_context & ctx, const ggml_tensor * dst, const int ncols2, const tq_fattn_call & call) {
-    if constexpr (D == TQ_FATTN_MMA_D) {
-        if (tq_fattn_use_mma(D)) {
+    if constexpr (tq_fattn_mma_smem<D, type_K, type_V>::on) {
+        if (tq_fattn_use_mma()) {
             switch (ncols2) {
                 case 1: tq_flash_attn_ext_mma_case<D, 1, type_K, type_V>(ctx, dst, call); return;
                 case 2: tq_flash_attn_ext_mma_case<D, 2, type_K, type_V>(ctx, dst, call); return;
@@ -84,7 +84,7 @@ static int tq_fattn_gqa_ncols2(const ggml_tensor * dst) {
     const int64_t nblocks_2waves = 2*TQ_FATTN_GQA_MINBLOCKS*nsm;
     int ncols2 = 8;
     // the tensor-core kernel takes up to 8 heads (the columns of its MMA) at any head size it has
-    const bool mma = tq_fattn_use_mma(D);
+    const bool mma = tq_fattn_use_mma();
     while (ncols2 > 1 && (gqa_ratio % ncols2 != 0 || !(mma || tq_fattn_gqa_fits(D, ncols2)) ||
                           K->ne[2]*Q->ne[3]*(gqa_ratio/ncols2)*ntiles_kv < nblocks_2waves)) {
         ncols2 /= 2;

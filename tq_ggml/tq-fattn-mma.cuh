@@ -1,8 +1,11 @@
 // TurboQuant flash-attention decode on tensor cores: one query token, K and V both TurboQuant,
-// head size 128, the query heads of one KV head (up to 8) as the 8 columns of an m16n8k16 MMA.
+// head sizes 64, 128 and 256, the query heads of one KV head (up to 8) as the 8 columns of an
+// m16n8k16 MMA.
 // The float kernel in tq-fattn-gqa.cuh spends ~80 warp instructions per KV row (decode, 4 FMAs per
 // value and head); here a row costs its decode and a few MMAs. Per warp and tile of 32 KV rows:
-//   1. the packed rows arrive in shared memory by cp.async one tile ahead (tq-fattn-gqa.cuh);
+//   1. the packed rows arrive in shared memory by cp.async one tile ahead (tq-fattn-gqa.cuh); at
+//      head size 64 a row (one block of 18, 26 or 34 bytes) is not whole words, and the fragments
+//      are loaded from the cache in global memory instead;
 //   2. S = K Q^T by MMA, A = K decoded straight into MMA fragments: a lookup in a table of f16
 //      centroid pairs gives one fragment register; one accumulator per 64-value block, times the
 //      block scales, in float;
@@ -22,11 +25,14 @@
 
 #include "tq-fattn-gqa.cuh"
 
-#define TQ_FATTN_MMA_D 128
-// 4 blocks of 4 warps per SM: registers <= 128 per thread, no spills (nvcc -Xptxas -v); 5 blocks
-// (96 registers, no spills since the staging copy lost its divisions) measured 4-7% slower at
-// depth 8k-64k on the H100 (A/B measured)
-#define TQ_FATTN_MMA_MINBLOCKS 4
+// Blocks of 4 warps per SM that the register budget is set for. Head size 128: 4 (<= 128 registers
+// per thread, no spills, nvcc -Xptxas -v); 5 blocks (96 registers, no spills) measured 4-7% slower
+// at depth 8k-64k on the H100. Head size 256 holds twice the Q fragments and output accumulators:
+// 3 blocks (168 registers, 8-16 bytes of spills; 2 blocks would take 240 registers and none), as
+// many as its 58 KB of shared memory allow with tq3_0/tq2_0 (tq4_0/tq4_0's 84 KB allow 2).
+static constexpr __host__ __device__ int tq_fattn_mma_minblocks(const int D) {
+    return D <= 128 ? 4 : 3;
+}
 
 template <int D, ggml_type type_K, ggml_type type_V>
 struct tq_fattn_mma_smem {
@@ -35,13 +41,16 @@ struct tq_fattn_mma_smem {
     static constexpr int nblk    = D/QK_TQ;
     static constexpr int n_lut_K = 1 << 2*tq_cuda_bits(type_K);
     static constexpr int n_lut_V = tq_cuda_bits(type_V) == 2 ? 0 : 1 << 2*tq_cuda_bits(type_V); // 2-bit V: none (byte permutes)
-    // byte offsets; the staging buffers hold the warps' outputs at the end
-    static constexpr int off_P   = stg::bytes;                                   // [nwarps][nblk][8][32] half
+    // rows of whole words are staged (4-byte cp.async); otherwise (head size 64) the warps read the cache
+    static constexpr bool staged = stg::row_K % 4 == 0 && stg::row_V % 4 == 0;
+    static constexpr int out_bytes = nwarps*8*D*4;                               // the warps' outputs, [nwarps][8][D] float
+    // byte offsets; the staging buffers come first and hold the warps' outputs at the end
+    static constexpr int off_P   = staged && stg::bytes > out_bytes ? stg::bytes : out_bytes; // [nwarps][nblk][8][32] half
     static constexpr int off_Q   = off_P + nwarps*nblk*8*WARP_SIZE*2;            // [8][D] half
     static constexpr int off_lut = off_Q + 8*D*2;                                // K then V pairs, half2
     static constexpr int off_ML  = off_lut + 4*(n_lut_K + n_lut_V);              // [2][nwarps][8] float
     static constexpr int bytes   = off_ML + 2*nwarps*8*4;
-    static constexpr bool on     = D == TQ_FATTN_MMA_D && stg::on && nwarps*8*D*4 <= off_P;
+    static constexpr bool on     = D == 64 || D == 128 || D == 256;
 };
 
 // c += A B: A 16x16 row-major (ldmatrix order), B 16x8 (b0: k = 2t, 2t+1, b1: k = 2t+8, 2t+9; n = g)
@@ -102,7 +111,7 @@ static __device__ __forceinline__ void tq_fattn_mma_pairs2(const uint32_t wa, co
 }
 
 template <int D, int ncols2, ggml_type type_K, ggml_type type_V>
-__launch_bounds__(TQ_FATTN_GQA_NTHREADS, TQ_FATTN_MMA_MINBLOCKS)
+__launch_bounds__(TQ_FATTN_GQA_NTHREADS, tq_fattn_mma_minblocks(D))
 static __global__ void tq_flash_attn_ext_mma(
         const char * __restrict__ Q,
         const char * __restrict__ K,
@@ -140,6 +149,10 @@ static __global__ void tq_flash_attn_ext_mma(
     typedef typename tq_cuda_block<bits_V>::type block_V;
     constexpr uint32_t pair_K = (1u << 2*bits_K) - 1;
     constexpr uint32_t mask_V = (1u << bits_V) - 1;
+    constexpr bool     staged = sm::staged;
+    // row strides of the K and V rows a warp reads: its tile in shared memory, or the cache
+    const int64_t rs_K = staged ? stg::row_K : nb11;
+    const int64_t rs_V = staged ? stg::row_V : nb21;
 
     extern __shared__ __align__(16) char smem[];
     half     * Q_h   = (half     *) (smem + sm::off_Q);
@@ -205,7 +218,7 @@ static __global__ void tq_flash_attn_ext_mma(
     // the first tile's copy goes out first, so that it is in flight while Q is loaded
     const int k_VKQ_max = KV_max ? KV_max[sequence*gridDim.x + blockIdx.x] : ne11;
     const int k_step    = gridDim.y*nthreads;
-    if (blockIdx.y*nthreads < k_VKQ_max) {
+    if (staged && blockIdx.y*nthreads < k_VKQ_max) {
         const int64_t r = blockIdx.y*nthreads + warp*WARP_SIZE;
         tq_fattn_gqa_stage_tile<stg>(tile_w, K + r*nb11, V + r*nb21, nb11, nb21, lane);
         tq_cp_async_commit();
@@ -247,15 +260,19 @@ static __global__ void tq_flash_attn_ext_mma(
 
     for (int k0 = blockIdx.y*nthreads, s = 0; k0 < k_VKQ_max; k0 += k_step, s ^= 1) {
         const int kw = k0 + warp*WARP_SIZE; // this warp's first row
-        if (k0 + k_step < k_VKQ_max) {
-            char * next = tile_w + (s ^ 1)*(stg::bytes/2);
-            tq_fattn_gqa_stage_tile<stg>(next, K + (int64_t) (kw + k_step)*nb11, V + (int64_t) (kw + k_step)*nb21, nb11, nb21, lane);
+        const char * K_w = K + (int64_t) kw*nb11;
+        const char * V_w = V + (int64_t) kw*nb21;
+        if constexpr (staged) {
+            if (k0 + k_step < k_VKQ_max) {
+                char * next = tile_w + (s ^ 1)*(stg::bytes/2);
+                tq_fattn_gqa_stage_tile<stg>(next, K + (int64_t) (kw + k_step)*nb11, V + (int64_t) (kw + k_step)*nb21, nb11, nb21, lane);
+            }
+            tq_cp_async_commit();
+            tq_cp_async_wait<1>();
+            __syncwarp();
+            K_w = tile_w + s*(stg::bytes/2);
+            V_w = K_w + WARP_SIZE*stg::row_K;
         }
-        tq_cp_async_commit();
-        tq_cp_async_wait<1>();
-        __syncwarp();
-        const char * K_w = tile_w + s*(stg::bytes/2);
-        const char * V_w = K_w + WARP_SIZE*stg::row_K;
 
         // the loads that the softmax and P need, issued now so that they land during the K part: the
         // mask and V's block scales of this thread's rows g + 8*rr (the compiler would keep them
@@ -267,7 +284,7 @@ static __global__ void tq_flash_attn_ext_mma(
             mk[rr] = maskh ? __half2float(maskh[kw + g + 8*rr]) : 0.0f;
 #pragma unroll
             for (int ib = 0; ib < nblk; ++ib) {
-                d_V[ib][rr] = __half2float(((const block_V *) (V_w + (g + 8*rr)*stg::row_V))[ib].d);
+                d_V[ib][rr] = __half2float(((const block_V *) (V_w + (g + 8*rr)*rs_V))[ib].d);
             }
         }
 
@@ -279,8 +296,8 @@ static __global__ void tq_flash_attn_ext_mma(
             S[mt][0] = S[mt][1] = S[mt][2] = S[mt][3] = 0.0f;
 #pragma unroll
             for (int ib = 0; ib < nblk; ++ib) {
-                const block_K * b0 = (const block_K *) (K_w + (16*mt + g    )*stg::row_K) + ib;
-                const block_K * b1 = (const block_K *) (K_w + (16*mt + g + 8)*stg::row_K) + ib;
+                const block_K * b0 = (const block_K *) (K_w + (16*mt + g    )*rs_K) + ib;
+                const block_K * b1 = (const block_K *) (K_w + (16*mt + g + 8)*rs_K) + ib;
                 const uint64_t  w0 = tq_fattn_mma_load_u16s<2*bits_K>(b0->qs + 2*bits_K*t);
                 const uint64_t  w1 = tq_fattn_mma_load_u16s<2*bits_K>(b1->qs + 2*bits_K*t);
                 float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
@@ -367,7 +384,7 @@ static __global__ void tq_flash_attn_ext_mma(
                 uint32_t w[4]; // rows 16kc + 2t, + 1, + 8, + 9
 #pragma unroll
                 for (int i = 0; i < 4; ++i) {
-                    const block_V * b = (const block_V *) (V_w + (16*kc + 2*t + (i & 1) + 8*(i >> 1))*stg::row_V) + ib;
+                    const block_V * b = (const block_V *) (V_w + (16*kc + 2*t + (i & 1) + 8*(i >> 1))*rs_V) + ib;
                     w[i] = tq_cuda_load_group<bits_V>(b->qs, g);
                 }
                 const uint32_t b0 = *(const uint32_t *) (P_w + (ib*8 + g)*WARP_SIZE + 16*kc + 2*t);
@@ -435,7 +452,7 @@ static __global__ void tq_flash_attn_ext_mma(
     }
     __syncthreads();
 
-    float * O_sh = (float *) smem; // [nwarps][8][D], over the staging buffers and decoded rows
+    float * O_sh = (float *) smem; // [nwarps][8][D], over the staging buffers
 #pragma unroll
     for (int c = 0; c < 2; ++c) {
         float kqmax = -FLT_MAX/2.0f;

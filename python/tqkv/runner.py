@@ -63,8 +63,9 @@ def cache_args(k: str, v: str) -> list[str]:
 
 
 def perplexity(model: Path, text: Path, k: str = "f16", v: str = "f16", ctx: int = 512,
-               chunks: int | None = None, threads: int | None = None, extra: tuple[str, ...] = ()) -> Perplexity:
-    cmd = [str(tool("llama-perplexity")), "-m", str(model), "-f", str(text), "-c", str(ctx),
+               chunks: int | None = None, threads: int | None = None, extra: tuple[str, ...] = (),
+               cuda: bool = False) -> Perplexity:
+    cmd = [str(tool("llama-perplexity", cuda)), "-m", str(model), "-f", str(text), "-c", str(ctx),
            *cache_args(k, v), *extra]
     if chunks:
         cmd += ["--chunks", str(chunks)]
@@ -147,10 +148,12 @@ class RpcServer(_Process):
     name = "ggml-rpc-server"
     not_ready = "not listening"
 
-    def __init__(self, threads: int = 1, env: dict[str, str] | None = None, startup_s: float = 60.0):
+    def __init__(self, threads: int = 1, env: dict[str, str] | None = None, startup_s: float = 60.0,
+                 cuda: bool = False):
+        # a CUDA build's server offers the GPUs it sees (its CPU only where it sees none)
         port = free_port()
         self.endpoint = f"127.0.0.1:{port}"
-        super().__init__([str(tool("ggml-rpc-server")), "-H", "127.0.0.1", "-p", str(port), "-t", str(threads)],
+        super().__init__([str(tool("ggml-rpc-server", cuda)), "-H", "127.0.0.1", "-p", str(port), "-t", str(threads)],
                          port, env, startup_s)
 
     def _ready(self) -> bool:
