@@ -18,7 +18,11 @@ static void tq_fattn_gqa_D(ggml_backend_cuda_context & ctx, const ggml_tensor * 
             switch (ncols2) {
                 case 1: tq_flash_attn_ext_mma_case<D, 1, type_K, type_V>(ctx, dst, call); return;
                 case 2: tq_flash_attn_ext_mma_case<D, 2, type_K, type_V>(ctx, dst, call); return;
+                case 3: tq_flash_attn_ext_mma_case<D, 3, type_K, type_V>(ctx, dst, call); return;
                 case 4: tq_flash_attn_ext_mma_case<D, 4, type_K, type_V>(ctx, dst, call); return;
+                case 5: tq_flash_attn_ext_mma_case<D, 5, type_K, type_V>(ctx, dst, call); return;
+                case 6: tq_flash_attn_ext_mma_case<D, 6, type_K, type_V>(ctx, dst, call); return;
+                case 7: tq_flash_attn_ext_mma_case<D, 7, type_K, type_V>(ctx, dst, call); return;
                 case 8: tq_flash_attn_ext_mma_case<D, 8, type_K, type_V>(ctx, dst, call); return;
             }
         }
@@ -73,23 +77,24 @@ static int tq_fattn_gqa_ncols2(const ggml_tensor * dst) {
         return 0;
     }
 
-    // the most query heads per block that divide the group and keep Q and the sums in registers,
-    // fewer while the grid would not fill two waves of the GPU: with a short cache each block has
-    // one or two tiles, and its latency, not the decode work, sets the time (H100, Llama-8B shape,
-    // tq3_0/tq2_0 at 0 / 8192 tokens: 4 heads 265.8 / 237.6 t/s, 2 heads 274.9 / 248.3, 1 head
-    // 283.7 / 241.0; at 32k and beyond 4 heads are fastest)
+    // the most query heads per block that divide the group and that the kernel takes (tensor cores:
+    // up to 8, the columns of its MMA, at any head size; float: powers of two that keep Q and the
+    // sums in registers), fewer while the grid would not fill two waves of the GPU: with a short
+    // cache each block has one or two tiles, and its latency, not the decode work, sets the time
+    // (H100, Llama-8B shape, tq3_0/tq2_0 at 0 / 8192 tokens: 4 heads 265.8 / 237.6 t/s, 2 heads
+    // 274.9 / 248.3, 1 head 283.7 / 241.0; at 32k and beyond 4 heads are fastest)
     const int gqa_ratio = Q->ne[2] / K->ne[2];
     const int nsm       = ggml_cuda_info().devices[ggml_cuda_get_device()].nsm;
     const int64_t ntiles_kv = (K->ne[1] + TQ_FATTN_GQA_NTHREADS - 1) / TQ_FATTN_GQA_NTHREADS;
     const int64_t nblocks_2waves = 2*TQ_FATTN_GQA_MINBLOCKS*nsm;
-    int ncols2 = 8;
-    // the tensor-core kernel takes up to 8 heads (the columns of its MMA) at any head size it has
     const bool mma = tq_fattn_use_mma();
-    while (ncols2 > 1 && (gqa_ratio % ncols2 != 0 || !(mma || tq_fattn_gqa_fits(D, ncols2)) ||
-                          K->ne[2]*Q->ne[3]*(gqa_ratio/ncols2)*ntiles_kv < nblocks_2waves)) {
-        ncols2 /= 2;
+    for (int ncols2 = 8; ncols2 > 1; --ncols2) {
+        const bool takes = mma || ((ncols2 & (ncols2 - 1)) == 0 && tq_fattn_gqa_fits(D, ncols2));
+        if (gqa_ratio % ncols2 == 0 && takes && K->ne[2]*Q->ne[3]*(gqa_ratio/ncols2)*ntiles_kv >= nblocks_2waves) {
+            return ncols2;
+        }
     }
-    return ncols2;
+    return 1;
 }
 
 static void tq_fattn_gqa_run(ggml_backend_cuda_context & ctx, const ggml_tensor * dst, const int ncols2, const tq_fattn_call & call) {

@@ -698,20 +698,19 @@ void tq_flash_attn_ext_gqa_case(ggml_backend_cuda_context & ctx, const ggml_tens
     PREFIX template void tq_flash_attn_ext_gqa_case<256, 1, type_K, type_V>(ggml_backend_cuda_context &, const ggml_tensor *, const tq_fattn_call &); \
     PREFIX template void tq_flash_attn_ext_gqa_case<256, 2, type_K, type_V>(ggml_backend_cuda_context &, const ggml_tensor *, const tq_fattn_call &);
 
-// the tensor-core variant (tq-fattn-mma.cuh) of one K/V pair: every head size, up to 8 heads per block
-#define TQ_FATTN_MMA_DECL_PAIR(PREFIX, type_K, type_V)                                                              \
-    PREFIX template void tq_flash_attn_ext_mma_case< 64, 1, type_K, type_V>(ggml_backend_cuda_context &, const ggml_tensor *, const tq_fattn_call &); \
-    PREFIX template void tq_flash_attn_ext_mma_case< 64, 2, type_K, type_V>(ggml_backend_cuda_context &, const ggml_tensor *, const tq_fattn_call &); \
-    PREFIX template void tq_flash_attn_ext_mma_case< 64, 4, type_K, type_V>(ggml_backend_cuda_context &, const ggml_tensor *, const tq_fattn_call &); \
-    PREFIX template void tq_flash_attn_ext_mma_case< 64, 8, type_K, type_V>(ggml_backend_cuda_context &, const ggml_tensor *, const tq_fattn_call &); \
-    PREFIX template void tq_flash_attn_ext_mma_case<128, 1, type_K, type_V>(ggml_backend_cuda_context &, const ggml_tensor *, const tq_fattn_call &); \
-    PREFIX template void tq_flash_attn_ext_mma_case<128, 2, type_K, type_V>(ggml_backend_cuda_context &, const ggml_tensor *, const tq_fattn_call &); \
-    PREFIX template void tq_flash_attn_ext_mma_case<128, 4, type_K, type_V>(ggml_backend_cuda_context &, const ggml_tensor *, const tq_fattn_call &); \
-    PREFIX template void tq_flash_attn_ext_mma_case<128, 8, type_K, type_V>(ggml_backend_cuda_context &, const ggml_tensor *, const tq_fattn_call &); \
-    PREFIX template void tq_flash_attn_ext_mma_case<256, 1, type_K, type_V>(ggml_backend_cuda_context &, const ggml_tensor *, const tq_fattn_call &); \
-    PREFIX template void tq_flash_attn_ext_mma_case<256, 2, type_K, type_V>(ggml_backend_cuda_context &, const ggml_tensor *, const tq_fattn_call &); \
-    PREFIX template void tq_flash_attn_ext_mma_case<256, 4, type_K, type_V>(ggml_backend_cuda_context &, const ggml_tensor *, const tq_fattn_call &); \
-    PREFIX template void tq_flash_attn_ext_mma_case<256, 8, type_K, type_V>(ggml_backend_cuda_context &, const ggml_tensor *, const tq_fattn_call &);
+// the tensor-core variant (tq-fattn-mma.cuh) of one K/V pair: every head size, and any group of
+// 1 to 8 heads per block (the columns of its MMA; SmolLM2 has groups of 3, Qwen2.5 of 6 and 7)
+#define TQ_FATTN_MMA_DECL_D(PREFIX, D, type_K, type_V)                                                              \
+    PREFIX template void tq_flash_attn_ext_mma_case<D, 1, type_K, type_V>(ggml_backend_cuda_context &, const ggml_tensor *, const tq_fattn_call &); \
+    PREFIX template void tq_flash_attn_ext_mma_case<D, 2, type_K, type_V>(ggml_backend_cuda_context &, const ggml_tensor *, const tq_fattn_call &); \
+    PREFIX template void tq_flash_attn_ext_mma_case<D, 3, type_K, type_V>(ggml_backend_cuda_context &, const ggml_tensor *, const tq_fattn_call &); \
+    PREFIX template void tq_flash_attn_ext_mma_case<D, 4, type_K, type_V>(ggml_backend_cuda_context &, const ggml_tensor *, const tq_fattn_call &); \
+    PREFIX template void tq_flash_attn_ext_mma_case<D, 5, type_K, type_V>(ggml_backend_cuda_context &, const ggml_tensor *, const tq_fattn_call &); \
+    PREFIX template void tq_flash_attn_ext_mma_case<D, 6, type_K, type_V>(ggml_backend_cuda_context &, const ggml_tensor *, const tq_fattn_call &); \
+    PREFIX template void tq_flash_attn_ext_mma_case<D, 7, type_K, type_V>(ggml_backend_cuda_context &, const ggml_tensor *, const tq_fattn_call &); \
+    PREFIX template void tq_flash_attn_ext_mma_case<D, 8, type_K, type_V>(ggml_backend_cuda_context &, const ggml_tensor *, const tq_fattn_call &);
+#define TQ_FATTN_MMA_DECL_PAIR(PREFIX, type_K, type_V) \
+    TQ_FATTN_MMA_DECL_D(PREFIX, 64, type_K, type_V) TQ_FATTN_MMA_DECL_D(PREFIX, 128, type_K, type_V) TQ_FATTN_MMA_DECL_D(PREFIX, 256, type_K, type_V)
 
 #define TQ_FATTN_GQA_PAIRS(X)                                                                     \
     X(GGML_TYPE_TURBO2_0, GGML_TYPE_TURBO2_0) X(GGML_TYPE_TURBO2_0, GGML_TYPE_TURBO3_0) X(GGML_TYPE_TURBO2_0, GGML_TYPE_TURBO4_0) \
