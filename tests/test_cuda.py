@@ -19,7 +19,7 @@ from tqkv.ggml_lib import Backend
 from test_ggml_tests import CASES, SMALL_CASES, run_backend_ops
 from test_head_sizes import kld_run
 from test_parity import K_ROT_CASES, check_k_rot
-from test_rpc import _KV_BUF, ops_by_device
+from test_rpc import KV_BUF, ops_by_device
 
 CUDA_BIN = build.Layout().bin_dir(cuda=True)
 
@@ -108,9 +108,9 @@ def test_rpc_split_on_cuda(alice: Path, tmp_path: Path, monkeypatch) -> None:
         served = [s.output() for s in (a, b)]
     assert split.ppl == one.ppl, (split.ppl, one.ppl)
     remote = {f"RPC0[{s.endpoint}]" for s in (a, b)}
-    kv = {dev: float(mib) for dev, mib in _KV_BUF.findall(split.log)}
+    kv = {dev: float(mib) for dev, mib in KV_BUF.findall(split.log)}
     assert set(kv) == {"CUDA0", *remote}, kv
-    one_kv = [float(mib) for _, mib in _KV_BUF.findall(one.log)]
+    one_kv = [float(mib) for _, mib in KV_BUF.findall(one.log)]
     assert abs(sum(kv.values()) - sum(one_kv)) < 0.02, (kv, one_kv)
     ops = ops_by_device(split.log)
     for dev in remote:

@@ -19,7 +19,7 @@ QUESTION = "What is the capital of France? Answer in one sentence."
 # -ngl 21: the output layer and the last 20 of the 30 layers leave the local CPU; -ts 10,11 gives
 # the first remote device 10 of those 21 and the second the other 10 plus the output layer
 SPLIT = ("-ngl", "21", "-ts", "10,11")
-_KV_BUF = re.compile(r"llama_kv_cache: +(\S+) KV buffer size = +([0-9.]+) MiB")
+KV_BUF = re.compile(r"llama_kv_cache: +(\S+) KV buffer size = +([0-9.]+) MiB")
 _SPLIT_HDR = re.compile(r"## SPLIT #(\d+): (\S+) #")
 _NODE = re.compile(r"node # *\d+ \( *([A-Z_]+)\): +(\S+)")
 
@@ -62,10 +62,10 @@ def test_split_perplexity_equals_one_process(smollm2: Path, alice: Path, rpc_pai
     assert split.ppl == one.ppl, (split.ppl, one.ppl)
     assert "offloaded 21/31 layers" in split.log, split.log[-3000:]
     # each device holds its 10 layers' cache (a remote device is RPC0 of its own endpoint)
-    kv = {dev: float(mib) for dev, mib in _KV_BUF.findall(split.log)}
+    kv = {dev: float(mib) for dev, mib in KV_BUF.findall(split.log)}
     remote = {f"RPC0[{s.endpoint}]" for s in (a, b)}
     assert set(kv) == {"CPU", *remote} and len(set(kv.values())) == 1, kv
-    one_kv = [float(mib) for _, mib in _KV_BUF.findall(one.log)]
+    one_kv = [float(mib) for _, mib in KV_BUF.findall(one.log)]
     assert abs(sum(kv.values()) - sum(one_kv)) < 0.02, (kv, one_kv)
     # and runs its 10 layers' TurboQuant ops: per layer one attention, a store into the K and the V
     # cache, the key and the query transform and the value rotation
