@@ -302,7 +302,7 @@ static __device__ __forceinline__ float tq_cuda_to_float(const src_t v) {
 // Block ib of the source rows: its first value and its destination block.
 template <typename src_t, typename idx_t>
 static __device__ __forceinline__ const src_t * tq_set_rows_block(
-        const src_t * __restrict__ src0, const idx_t * __restrict__ src1, char * __restrict__ dst, const int64_t ib,
+        const src_t * GGML_CUDA_RESTRICT src0, const idx_t * GGML_CUDA_RESTRICT src1, char * GGML_CUDA_RESTRICT dst, const int64_t ib,
         const int qk, const size_t block_size, const int64_t nb_row, const int64_t ne01, const int64_t ne02,
         const int64_t ne11, const int64_t ne12, const int64_t s01, const int64_t s02, const int64_t s03,
         const int64_t s10, const int64_t s11, const int64_t s12, const size_t nb1, const size_t nb2, const size_t nb3,
@@ -319,12 +319,12 @@ static __device__ __forceinline__ const src_t * tq_set_rows_block(
     return src0 + i01*s01 + i02*s02 + i03*s03 + ib0*qk;
 }
 
-#define TQ_SET_ROWS_PARAMS                                                                                  \
-        const src_t * __restrict__ src0, const idx_t * __restrict__ src1, char * __restrict__ dst,         \
-        const int64_t nblocks, const int64_t nb_row, const int64_t ne01, const int64_t ne02,               \
-        const int64_t ne11, const int64_t ne12,                                                            \
-        const int64_t s01, const int64_t s02, const int64_t s03,                                           \
-        const int64_t s10, const int64_t s11, const int64_t s12,                                           \
+#define TQ_SET_ROWS_PARAMS                                                                   \
+        const src_t * src0, const idx_t * src1, char * dst,                                  \
+        const int64_t nblocks, const int64_t nb_row, const int64_t ne01, const int64_t ne02, \
+        const int64_t ne11, const int64_t ne12,                                              \
+        const int64_t s01, const int64_t s02, const int64_t s03,                             \
+        const int64_t s10, const int64_t s11, const int64_t s12,                             \
         const size_t nb1, const size_t nb2, const size_t nb3
 #define TQ_SET_ROWS_ARGS(QK, BLOCK) \
         src0, src1, dst, ib, QK, sizeof(BLOCK), nb_row, ne01, ne02, ne11, ne12, s01, s02, s03, s10, s11, s12, nb1, nb2, nb3
@@ -430,8 +430,10 @@ static __device__ __forceinline__ int64_t tq_cuda_offset(const tq_cpy_shape & s,
 // float -> TQ: one warp or thread block (nwarps) per destination block (its 64 elements may be
 // strided in the source)
 template <int bits, int nwarps, typename src_t>
-static __global__ void k_tq_cpy_to(const char * __restrict__ cx, char * __restrict__ cdst, const int64_t nblocks,
+static __global__ void k_tq_cpy_to(const char * cx_ptr, char * cdst_ptr, const int64_t nblocks,
                                    const tq_cpy_shape src, const tq_cpy_shape dst) {
+    const char * GGML_CUDA_RESTRICT cx   = cx_ptr;
+    char       * GGML_CUDA_RESTRICT cdst = cdst_ptr;
     ggml_cuda_pdl_lc();
     const int64_t ib = nwarps == 1 ? (int64_t) blockIdx.x*TQ_CUDA_WARPS_PER_BLOCK + threadIdx.y : blockIdx.x;
     if (ib >= nblocks) {
@@ -447,8 +449,10 @@ static __global__ void k_tq_cpy_to(const char * __restrict__ cx, char * __restri
 
 // ... into a form in blocks of 32 or 16: a warp per block
 template <ggml_type type, typename src_t>
-static __global__ void k_tq_form_cpy_to(const char * __restrict__ cx, char * __restrict__ cdst, const int64_t nblocks,
+static __global__ void k_tq_form_cpy_to(const char * cx_ptr, char * cdst_ptr, const int64_t nblocks,
                                         const tq_cpy_shape src, const tq_cpy_shape dst) {
+    const char * GGML_CUDA_RESTRICT cx   = cx_ptr;
+    char       * GGML_CUDA_RESTRICT cdst = cdst_ptr;
     using F = tq_cuda_form<type>;
     ggml_cuda_pdl_lc();
     const int64_t ib = (int64_t) blockIdx.x*TQ_CUDA_WARPS_PER_BLOCK + threadIdx.y;
@@ -462,8 +466,10 @@ static __global__ void k_tq_form_cpy_to(const char * __restrict__ cx, char * __r
 
 // TQ -> float: one thread per pair of values
 template <ggml_type type, typename dst_t>
-static __global__ void k_tq_cpy_from(const char * __restrict__ cx, char * __restrict__ cdst, const int64_t ne,
+static __global__ void k_tq_cpy_from(const char * cx_ptr, char * cdst_ptr, const int64_t ne,
                                      const tq_cpy_shape src, const tq_cpy_shape dst) {
+    const char * GGML_CUDA_RESTRICT cx   = cx_ptr;
+    char       * GGML_CUDA_RESTRICT cdst = cdst_ptr;
     constexpr int qk = tq_cuda_form<type>::qk;
     ggml_cuda_pdl_lc();
     const int64_t e = 2*((int64_t) blockIdx.x*blockDim.x + threadIdx.x);
@@ -587,9 +593,12 @@ static __device__ __forceinline__ void tq_cuda_k_rot_run(const float * xr, const
 
 // one warp per run of N values of a row (two runs for N = 16)
 template <int N, bool rotate>
-static __global__ void k_tq_k_rot(const char * __restrict__ x, const float * __restrict__ k_off, float * __restrict__ dst,
+static __global__ void k_tq_k_rot(const char * x_ptr, const float * k_off_ptr, float * dst_ptr,
         const int64_t nchunks, const int64_t n, const int64_t n_head_kv, const int64_t group, const int64_t ne1, const int64_t ne2,
         const int64_t nb1, const int64_t nb2, const int64_t nb3, const int mode, const float scale) {
+    const char  * GGML_CUDA_RESTRICT x     = x_ptr;
+    const float * GGML_CUDA_RESTRICT k_off = k_off_ptr;
+    float       * GGML_CUDA_RESTRICT dst   = dst_ptr;
     ggml_cuda_pdl_lc();
     constexpr int L  = tq_k_rot_lanes(N);
     constexpr int el = N/L;
@@ -666,9 +675,13 @@ void ggml_cuda_tq_k_rot(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
 // same float operations in the same order as the two kernels: the same bytes.
 template <int bits, int nwarps, int N, bool rotate>
 static __global__ void k_tq_k_rot_set_rows(
-        const char * __restrict__ x, const float * __restrict__ k_off, const int64_t * __restrict__ idx, char * __restrict__ dst,
+        const char * x_ptr, const float * k_off_ptr, const int64_t * idx_ptr, char * dst_ptr,
         const int64_t nblocks, const int64_t n, const int64_t n_head, const int64_t n_head_kv,
         const int64_t nbx1, const int64_t nbx2, const int64_t s10, const size_t nb1, const int mode, const float scale) {
+    const char    * GGML_CUDA_RESTRICT x     = x_ptr;
+    const float   * GGML_CUDA_RESTRICT k_off = k_off_ptr;
+    const int64_t * GGML_CUDA_RESTRICT idx   = idx_ptr;
+    char          * GGML_CUDA_RESTRICT dst   = dst_ptr;
     static_assert(N % QK_TQ == 0, "a 64-value block within one run");
     ggml_cuda_pdl_lc();
     constexpr int el = N/WARP_SIZE;

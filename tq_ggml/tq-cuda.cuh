@@ -11,6 +11,13 @@
 #include "tq-common.h"
 #include "tq-codebooks.h"
 
+// No __restrict__ on pointers into tensors: the kernels here start under programmatic dependent
+// launch (Hopper and newer) before the kernel that writes their inputs has finished, and a const
+// __restrict__ pointer lets nvcc read through the non-coherent path (LDG.CONSTANT), which need not
+// see those writes after the wait. As upstream's kernels do, a kernel takes plain pointers and
+// qualifies local copies with GGML_CUDA_RESTRICT, which is __restrict__ only where PDL is not
+// compiled in (a kernel's parameter types must be the same in nvcc's host and device passes).
+
 static constexpr __host__ __device__ bool tq_cuda_is_turbo(const ggml_type type) {
     return type == GGML_TYPE_TURBO2_0 || type == GGML_TYPE_TURBO3_0 || type == GGML_TYPE_TURBO4_0;
 }
@@ -123,7 +130,9 @@ static __device__ __forceinline__ void dequantize_turbo(const void * vx, const i
 // converts the whole K and V cache to f16 for every ubatch): a thread per group of 8 values, the
 // codebook in shared memory, one 16-byte store per thread for f16. The values of dequantize_tq.
 template <ggml_type type, bool vec_store, typename dst_t>
-static __global__ void k_tq_dequantize_cont(const void * __restrict__ vx, dst_t * __restrict__ y, const int64_t ngroups) {
+static __global__ void k_tq_dequantize_cont(const void * vx_ptr, dst_t * y_ptr, const int64_t ngroups) {
+    const void * GGML_CUDA_RESTRICT vx = vx_ptr;
+    dst_t      * GGML_CUDA_RESTRICT y  = y_ptr;
     ggml_cuda_pdl_lc();
     using F = tq_cuda_form<type>;
     constexpr uint32_t mask = (1u << F::bits) - 1;
@@ -160,7 +169,7 @@ static __global__ void k_tq_dequantize_cont(const void * __restrict__ vx, dst_t 
 }
 
 template <ggml_type type, typename dst_t>
-static void tq_cuda_dequantize_cont_form(const void * __restrict__ vx, dst_t * __restrict__ y, const int64_t k, cudaStream_t stream) {
+static void tq_cuda_dequantize_cont_form(const void * vx, dst_t * y, const int64_t k, cudaStream_t stream) {
     GGML_ASSERT(k % tq_cuda_form<type>::qk == 0);
     const int64_t ngroups = k/8;
     constexpr int nthreads = 256;
@@ -177,7 +186,7 @@ static void tq_cuda_dequantize_cont_form(const void * __restrict__ vx, dst_t * _
 }
 
 template <int bits, typename dst_t>
-static void tq_cuda_dequantize_cont(const void * __restrict__ vx, dst_t * __restrict__ y, const int64_t k, cudaStream_t stream) {
+static void tq_cuda_dequantize_cont(const void * vx, dst_t * y, const int64_t k, cudaStream_t stream) {
     tq_cuda_dequantize_cont_form<tq_cuda_type_of_bits(bits), dst_t>(vx, y, k, stream);
 }
 
@@ -213,7 +222,8 @@ static __device__ __forceinline__ void tq_fattn_load_codebooks() {
 
 template <int bits, int D, int nthreads>
 static __device__ __forceinline__ float vec_dot_fattn_vec_KQ_turbo(
-    const char * __restrict__ K_c, const void * __restrict__ Q_v, const int * __restrict__ Q_q8, const void * __restrict__ Q_ds_v) {
+    const char * GGML_CUDA_RESTRICT K_c, const void * GGML_CUDA_RESTRICT Q_v, const int * GGML_CUDA_RESTRICT Q_q8,
+    const void * GGML_CUDA_RESTRICT Q_ds_v) {
     static_assert(nthreads*8 == QK_TQ && D % QK_TQ == 0, "one thread per group of 8 values");
     GGML_UNUSED(Q_q8);
     GGML_UNUSED(Q_ds_v);
@@ -241,7 +251,8 @@ static __device__ __forceinline__ float vec_dot_fattn_vec_KQ_turbo(
 
 // ne = 8 values starting at i0 (a group): the V row layout of the f16 case
 template <int bits, typename T, int ne>
-static __device__ __forceinline__ void dequantize_V_turbo(const void * __restrict__ vx, void * __restrict__ dst, const int64_t i0) {
+static __device__ __forceinline__ void dequantize_V_turbo(const void * GGML_CUDA_RESTRICT vx, void * GGML_CUDA_RESTRICT dst,
+                                                          const int64_t i0) {
     static_assert(ne == 8, "one group of 8 values per call");
     const typename tq_cuda_block<bits>::type * x = (const typename tq_cuda_block<bits>::type *) vx + i0/QK_TQ;
     constexpr uint32_t mask = (1u << bits) - 1;

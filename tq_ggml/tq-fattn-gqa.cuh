@@ -153,7 +153,7 @@ static __device__ __forceinline__ void tq_fattn_hadamard_sh(float * x, const int
 // the scale, the factor 1/sqrt(nrot), the butterflies of h = 1, 2, 4, ... as pairs (a + b, a - b),
 // then the offset. The same values as the separate op, so fusing changes no result.
 template <int D, int ncols2>
-static __device__ __forceinline__ void tq_fattn_load_q(float * __restrict__ Q_sh, const char * __restrict__ Q, const int nb02,
+static __device__ __forceinline__ void tq_fattn_load_q(float * GGML_CUDA_RESTRICT Q_sh, const char * GGML_CUDA_RESTRICT Q, const int nb02,
         const float scale, const tq_fattn_fuse & fuse, const int head0, const int ne02, const int tid) {
     constexpr int nthreads = TQ_FATTN_GQA_NTHREADS;
     if (!fuse.q) {
@@ -201,7 +201,7 @@ static __device__ __forceinline__ void tq_fattn_load_q(float * __restrict__ Q_sh
 // the same ones (broadcast)
 template <int bits, int D, int ncols2>
 static __device__ __forceinline__ void tq_fattn_gqa_dot_KQ(
-        const char * __restrict__ K_row, const float (* __restrict__ Q)[D], const int g, float (&sum)[ncols2]) {
+        const char * GGML_CUDA_RESTRICT K_row, const float (* GGML_CUDA_RESTRICT Q)[D], const int g, float (&sum)[ncols2]) {
     typedef typename tq_cuda_block<bits>::type block_t;
     constexpr uint32_t mask = (1u << bits) - 1;
     const block_t * K = (const block_t *) K_row;
@@ -234,14 +234,14 @@ static __device__ __forceinline__ void tq_fattn_gqa_dot_KQ(
 template <int D, int ncols2, ggml_type type_K, ggml_type type_V>
 __launch_bounds__(TQ_FATTN_GQA_NTHREADS, TQ_FATTN_GQA_MINBLOCKS)
 static __global__ void tq_flash_attn_ext_gqa(
-        const char * __restrict__ Q,
-        const char * __restrict__ K,
-        const char * __restrict__ V,
-        const char * __restrict__ mask,
-        const char * __restrict__ sinks,
-        const int  * __restrict__ KV_max,
-        float      * __restrict__ dst,
-        float2     * __restrict__ dst_meta,
+        const char * Q_ptr,
+        const char * K_ptr,
+        const char * V_ptr,
+        const char * mask_ptr,
+        const char * sinks_ptr,
+        const int  * KV_max_ptr,
+        float      * dst_ptr,
+        float2     * dst_meta_ptr,
         const float scale,
         const float max_bias,
         const float m0,
@@ -256,6 +256,14 @@ static __global__ void tq_flash_attn_ext_gqa(
                             const int32_t ne31, const int32_t ne32, const int32_t ne33,
                             const int32_t nb31, const int32_t nb32, const int64_t nb33,
         const tq_fattn_fuse fuse) {
+    const char * GGML_CUDA_RESTRICT Q        = Q_ptr;
+    const char * GGML_CUDA_RESTRICT K        = K_ptr;
+    const char * GGML_CUDA_RESTRICT V        = V_ptr;
+    const char * GGML_CUDA_RESTRICT mask     = mask_ptr;
+    const char * GGML_CUDA_RESTRICT sinks    = sinks_ptr;
+    const int  * GGML_CUDA_RESTRICT KV_max   = KV_max_ptr;
+    float      * GGML_CUDA_RESTRICT dst      = dst_ptr;
+    float2     * GGML_CUDA_RESTRICT dst_meta = dst_meta_ptr;
     ggml_cuda_pdl_lc();
 #ifdef FLASH_ATTN_AVAILABLE
     static_assert(tq_cuda_is_turbo(type_K) && tq_cuda_is_turbo(type_V), "TurboQuant K and V only");
@@ -535,8 +543,11 @@ static __global__ void tq_flash_attn_ext_gqa(
 // so a fused rotation gives the values of the separate MUL_MAT.
 template <int D>
 __launch_bounds__(D, 1)
-static __global__ void tq_fattn_combine(const float * __restrict__ parts, const float2 * __restrict__ meta, float * __restrict__ dst,
+static __global__ void tq_fattn_combine(const float * parts_ptr, const float2 * meta_ptr, float * dst_ptr,
                                         const int nparts, const int nrot, const float rscale) {
+    const float  * GGML_CUDA_RESTRICT parts = parts_ptr;
+    const float2 * GGML_CUDA_RESTRICT meta  = meta_ptr;
+    float        * GGML_CUDA_RESTRICT dst   = dst_ptr;
     ggml_cuda_pdl_lc();
     extern __shared__ float2 tq_fattn_combine_sh[];
     float2 * m   = tq_fattn_combine_sh;    // [nparts]: (max, sum) of each split
