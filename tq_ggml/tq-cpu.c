@@ -7,7 +7,6 @@
 
 #include "ggml-cpu-impl.h"
 #include "simd-mappings.h"
-#include "vec.h"
 
 #include "ggml-tq/tq-quants.h"
 #include "ggml-tq/tq-codebooks.h"
@@ -277,15 +276,13 @@ void ggml_compute_forward_turbo_k_rot(const struct ggml_compute_params * params,
 // Upstream's CPU path runs each query row through the whole cache on its own, decoding every K and
 // V row it reads (K inside vec_dot, V through to_float) once per query row. Here the query rows that
 // read one KV head (its query heads, and for a prompt a tile of positions) go through the cache
-// together: each K and V row is decoded once per tile into floats, TQ_FA_KV positions at a time, and
-// each query row takes the block's dot products (four rows per pass over the query), one softmax
-// over the block against its running maximum (as upstream's tiled path) and one pass over its
-// accumulator. The scale, softcap, mask, ALiBi slope and sinks are upstream's, so the two paths
-// agree to rounding. A decode step (one position) also splits the KV range over the threads and
-// combines the partial results as upstream's f16 path does.
+// together: each K and V row is decoded once per tile into floats, then each row takes a plain dot
+// and a multiply-add. Per row the arithmetic is upstream's (online softmax in position order, the
+// same scale, softcap, mask, ALiBi slope and sinks), so the two paths agree to rounding. A decode
+// step (one position) also splits the KV range over the threads and combines the partial results
+// as upstream's f16 path does.
 
 #define TQ_FA_ROWS 64 // query rows per tile: GGML_FA_TILE_Q, which the work buffer is sized for
-#define TQ_FA_KV   16 // positions per block: decoded together, one softmax and one pass over the accumulators
 
 // a TurboQuant type's block format; NULL for any other type
 struct tq_fmt {
@@ -377,60 +374,17 @@ static inline float tq_dot_f32(const float * GGML_RESTRICT a, const float * GGML
 #endif
 }
 
-// s[j] = <q, k + j*n> for j < m (rows of n floats, n a multiple of 16)
-static void tq_dot_rows(const float * GGML_RESTRICT q, const float * GGML_RESTRICT k, int64_t n, int64_t m,
-                        float * GGML_RESTRICT s) {
-    int64_t j = 0;
+// y = y*ms + v*vs
+static inline void tq_scale_mad(float * GGML_RESTRICT y, const float * GGML_RESTRICT v, int64_t n, float ms, float vs) {
 #if defined(TQ_AVX2)
-    // four rows at a time: each q load serves four products, one horizontal reduction for the four
-    for (; j + 4 <= m; j += 4) {
-        const float * k0 = k + j*n;
-        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
-        for (int64_t i = 0; i < n; i += 8) {
-            const __m256 qi = _mm256_loadu_ps(q + i);
-            a0 = _mm256_fmadd_ps(qi, _mm256_loadu_ps(k0 + i),       a0);
-            a1 = _mm256_fmadd_ps(qi, _mm256_loadu_ps(k0 + n + i),   a1);
-            a2 = _mm256_fmadd_ps(qi, _mm256_loadu_ps(k0 + 2*n + i), a2);
-            a3 = _mm256_fmadd_ps(qi, _mm256_loadu_ps(k0 + 3*n + i), a3);
-        }
-        const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
-        _mm_storeu_ps(s + j, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
-    }
-#endif
-    for (; j < m; ++j) {
-        s[j] = tq_dot_f32(q, k + j*n, n);
-    }
-}
-
-// y = y*ms + sum_j p[j]*(v + j*n) over the j < m with p[j] != 0 (rows of n floats, n a multiple of 8)
-static void tq_scale_mad_rows(float * GGML_RESTRICT y, const float * GGML_RESTRICT v, const float * GGML_RESTRICT p,
-                              int64_t n, int64_t m, float ms) {
-#if defined(TQ_AVX2)
-    const __m256 vms = _mm256_set1_ps(ms);
+    const __m256 vms = _mm256_set1_ps(ms), vvs = _mm256_set1_ps(vs);
     for (int64_t i = 0; i < n; i += 8) {
-        __m256 yi = _mm256_loadu_ps(y + i);
-        if (ms != 1.0f) {
-            yi = _mm256_mul_ps(yi, vms);
-        }
-        for (int64_t j = 0; j < m; ++j) {
-            if (p[j] != 0.0f) {
-                yi = _mm256_fmadd_ps(_mm256_set1_ps(p[j]), _mm256_loadu_ps(v + j*n + i), yi);
-            }
-        }
-        _mm256_storeu_ps(y + i, yi);
+        const __m256 yi = ms == 1.0f ? _mm256_loadu_ps(y + i) : _mm256_mul_ps(_mm256_loadu_ps(y + i), vms);
+        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(_mm256_loadu_ps(v + i), vvs, yi));
     }
 #else
-    if (ms != 1.0f) {
-        for (int64_t i = 0; i < n; ++i) {
-            y[i] *= ms;
-        }
-    }
-    for (int64_t j = 0; j < m; ++j) {
-        if (p[j] != 0.0f) {
-            for (int64_t i = 0; i < n; ++i) {
-                y[i] += p[j]*v[j*n + i];
-            }
-        }
+    for (int64_t i = 0; i < n; ++i) {
+        y[i] = (ms == 1.0f ? y[i] : y[i]*ms) + v[i]*vs;
     }
 #endif
 }
@@ -452,10 +406,9 @@ static void tq_fa_tile(const struct tq_fa * a, int64_t iq3, int64_t ik2, int64_t
     float * M   = acc + R*DV;         // [R]
     float * S   = M + R;              // [R]
     float * sl  = S + R;              // [R] ALiBi slope
-    float * ss  = sl + R;             // [TQ_FA_KV] a row's scores over the block
-    float * ps  = ss + TQ_FA_KV;      // [TQ_FA_KV] their weights
-    float * K32 = ps + TQ_FA_KV;      // [TQ_FA_KV][DK]
-    float * V32 = K32 + TQ_FA_KV*DK;  // [TQ_FA_KV][DV]
+    float * sc  = sl + R;             // [R] this position's score (-INFINITY: masked)
+    float * K32 = sc + R;             // [DK]
+    float * V32 = K32 + DK;           // [DV]
     const float       * qr[TQ_FA_ROWS];
     const ggml_fp16_t * mr[TQ_FA_ROWS];
 
@@ -474,59 +427,35 @@ static void tq_fa_tile(const struct tq_fa * a, int64_t iq3, int64_t ik2, int64_t
 
     const char * kbase = (const char *) a->k->data + ik2*a->k->nb[2] + ik3*a->k->nb[3];
     const char * vbase = (const char *) a->v->data + ik2*a->v->nb[2] + ik3*a->v->nb[3];
-    for (int64_t ic0 = c0; ic0 < c1; ic0 += TQ_FA_KV) {
-        const int64_t m = MIN(TQ_FA_KV, c1 - ic0);
-        // decode the positions that some row does not mask
+    for (int64_t ic = c0; ic < c1; ++ic) {
         int live = 0;
-        for (int64_t j = 0; j < m; ++j) {
-            int64_t r = 0;
-            while (r < R && mr[r] && GGML_CPU_FP16_TO_FP32(mr[r][ic0 + j]) == -INFINITY) {
-                ++r;
-            }
-            if (r < R) {
-                tq_decode_row((const uint8_t *) (kbase + (ic0 + j)*a->k->nb[1]), K32 + j*DK, DK, a->fk);
-                tq_decode_row((const uint8_t *) (vbase + (ic0 + j)*a->v->nb[1]), V32 + j*DV, DV, a->fv);
-                live = 1;
-            }
+        for (int64_t r = 0; r < R; ++r) {
+            sc[r] = mr[r] ? sl[r]*GGML_CPU_FP16_TO_FP32(mr[r][ic]) : 0.0f;
+            live |= sc[r] != -INFINITY;
         }
         if (!live) {
             continue;
         }
+        tq_decode_row((const uint8_t *) (kbase + ic*a->k->nb[1]), K32, DK, a->fk);
+        tq_decode_row((const uint8_t *) (vbase + ic*a->v->nb[1]), V32, DV, a->fv);
         for (int64_t r = 0; r < R; ++r) {
-            // the mask first: the dot products only over the row's unmasked span [j0, j1), into ps
-            int64_t j0 = m, j1 = 0;
-            for (int64_t j = 0; j < m; ++j) {
-                ss[j] = mr[r] ? sl[r]*GGML_CPU_FP16_TO_FP32(mr[r][ic0 + j]) : 0.0f;
-                if (ss[j] != -INFINITY) {
-                    j0 = MIN(j0, j);
-                    j1 = j + 1;
-                }
-            }
-            if (j0 >= j1) {
+            if (sc[r] == -INFINITY) {
                 continue;
             }
-            tq_dot_rows(qr[r], K32 + j0*DK, DK, j1 - j0, ps + j0);
-            float smax = -INFINITY;
-            for (int64_t j = j0; j < j1; ++j) {
-                if (ss[j] != -INFINITY) {
-                    float x = ps[j]*a->scale;
-                    if (a->softcap != 0.0f) {
-                        x = a->softcap*tanhf(x);
-                    }
-                    ss[j] += x;
-                    smax = MAX(smax, ss[j]);
-                }
+            float s = tq_dot_f32(qr[r], K32, DK)*a->scale;
+            if (a->softcap != 0.0f) {
+                s = a->softcap*tanhf(s);
             }
-            if (smax == -INFINITY) {
-                continue;
+            s += sc[r];
+            float ms = 1.0f, vs = 1.0f;
+            if (s > M[r]) {
+                ms = expf(M[r] - s);
+                M[r] = s;
+            } else {
+                vs = expf(s - M[r]);
             }
-            // the block's softmax against the running maximum (upstream's tiled path does the same)
-            const float M_new = MAX(M[r], smax);
-            const float ms    = M_new == M[r] ? 1.0f : expf(M[r] - M_new);
-            const float sum   = (float) ggml_vec_soft_max_f32((int) (j1 - j0), ps + j0, ss + j0, M_new);
-            tq_scale_mad_rows(acc + r*DV, V32 + j0*DV, ps + j0, DV, j1 - j0, ms);
-            S[r] = S[r]*ms + sum;
-            M[r] = M_new;
+            tq_scale_mad(acc + r*DV, V32, DV, ms, vs);
+            S[r] = S[r]*ms + vs;
         }
     }
 
@@ -596,7 +525,7 @@ bool ggml_compute_forward_flash_attn_ext_turbo(const struct ggml_compute_params 
     const int64_t N = q->ne[1], n_kvh = k->ne[2]*q->ne[3];   // KV heads, over the batch dim too
     const int64_t nt = N == 1 ? 1 : MAX(1, TQ_FA_ROWS/a.rk2); // positions per tile
     const int64_t R = nt*a.rk2;
-    const size_t  per_thread = (size_t) (R*(a.DV + 3) + TQ_FA_KV*(a.DK + a.DV + 2) + 16);
+    const size_t  per_thread = (size_t) (R*(a.DV + 4) + a.DK + a.DV + 16);
     // a decode step splits the cache over the threads when its KV heads alone would not keep
     // them busy; chunks of at least 256 positions
     const int64_t n_chunks = N == 1 && n_kvh < 2*nth ? MAX(1, MIN(nth, a.n_kv/256)) : 1;
