@@ -39,7 +39,8 @@ struct tq_fattn_gqa_stage {
     static constexpr int row_V  = D/QK_TQ * (int) sizeof(typename tq_cuda_block<tq_cuda_bits(type_V)>::type);
     static constexpr int warp_bytes = WARP_SIZE*(row_K + row_V); // one warp's 32 K and V rows
     static constexpr int bytes  = 2 * (TQ_FATTN_GQA_NTHREADS/WARP_SIZE) * warp_bytes;
-    static constexpr bool on    = row_K % 4 == 0 && row_V % 4 == 0 && bytes <= TQ_FATTN_GQA_STAGE_MAX;
+    static constexpr bool words = row_K % 4 == 0 && row_V % 4 == 0; // rows of whole words: 4-byte copies
+    static constexpr bool on    = words && bytes <= TQ_FATTN_GQA_STAGE_MAX;
 };
 
 static __device__ __forceinline__ void tq_cp_async_4(void * dst, const void * src) {
@@ -231,39 +232,56 @@ static __device__ __forceinline__ void tq_fattn_gqa_dot_KQ(
     }
 }
 
+// The decode kernels' shared signature (upstream's fattn_kernel_t): tensor pointers come in plain and
+// are qualified as local copies (see tq-cuda.cuh on GGML_CUDA_RESTRICT)
+#define TQ_FATTN_KERNEL_PARAMS                                                          \
+        const char * Q_ptr,                                                             \
+        const char * K_ptr,                                                             \
+        const char * V_ptr,                                                             \
+        const char * mask_ptr,                                                          \
+        const char * sinks_ptr,                                                         \
+        const int  * KV_max_ptr,                                                        \
+        float      * dst_ptr,                                                           \
+        float2     * dst_meta_ptr,                                                      \
+        const float scale,                                                              \
+        const float max_bias,                                                           \
+        const float m0,                                                                 \
+        const float m1,                                                                 \
+        const uint32_t n_head_log2,                                                     \
+        const float logit_softcap,                                                      \
+        const int32_t ne00, const uint3   ne01, const int32_t ne02, const int32_t ne03, \
+                            const int32_t nb01, const int32_t nb02, const int32_t nb03, \
+        const int32_t ne10, const int32_t ne11, const int32_t ne12, const int32_t ne13, \
+                            const int32_t nb11, const int32_t nb12, const int64_t nb13, \
+                            const int32_t nb21, const int32_t nb22, const int64_t nb23, \
+                            const int32_t ne31, const int32_t ne32, const int32_t ne33, \
+                            const int32_t nb31, const int32_t nb32, const int64_t nb33, \
+        const tq_fattn_fuse fuse
+#define TQ_FATTN_KERNEL_PTRS                                 \
+    const char * GGML_CUDA_RESTRICT Q        = Q_ptr;        \
+    const char * GGML_CUDA_RESTRICT K        = K_ptr;        \
+    const char * GGML_CUDA_RESTRICT V        = V_ptr;        \
+    const char * GGML_CUDA_RESTRICT mask     = mask_ptr;     \
+    const char * GGML_CUDA_RESTRICT sinks    = sinks_ptr;    \
+    const int  * GGML_CUDA_RESTRICT KV_max   = KV_max_ptr;   \
+    float      * GGML_CUDA_RESTRICT dst      = dst_ptr;      \
+    float2     * GGML_CUDA_RESTRICT dst_meta = dst_meta_ptr;
+#define TQ_FATTN_KERNEL_UNUSED                                           \
+    GGML_UNUSED_VARS(Q, K, V, mask, sinks, KV_max, dst, dst_meta, scale, \
+        max_bias, m0, m1, n_head_log2, logit_softcap,                    \
+        ne00, ne01, ne02, ne03,                                          \
+              nb01, nb02, nb03,                                          \
+        ne10, ne11, ne12, ne13,                                          \
+              nb11, nb12, nb13,                                          \
+              nb21, nb22, nb23,                                          \
+              ne31, ne32, ne33,                                          \
+              nb31, nb32, nb33, fuse);
+
 template <int D, int ncols2, ggml_type type_K, ggml_type type_V>
 __launch_bounds__(TQ_FATTN_GQA_NTHREADS, TQ_FATTN_GQA_MINBLOCKS)
 static __global__ void tq_flash_attn_ext_gqa(
-        const char * Q_ptr,
-        const char * K_ptr,
-        const char * V_ptr,
-        const char * mask_ptr,
-        const char * sinks_ptr,
-        const int  * KV_max_ptr,
-        float      * dst_ptr,
-        float2     * dst_meta_ptr,
-        const float scale,
-        const float max_bias,
-        const float m0,
-        const float m1,
-        const uint32_t n_head_log2,
-        const float logit_softcap,
-        const int32_t ne00, const uint3   ne01, const int32_t ne02, const int32_t ne03,
-                            const int32_t nb01, const int32_t nb02, const int32_t nb03,
-        const int32_t ne10, const int32_t ne11, const int32_t ne12, const int32_t ne13,
-                            const int32_t nb11, const int32_t nb12, const int64_t nb13,
-                            const int32_t nb21, const int32_t nb22, const int64_t nb23,
-                            const int32_t ne31, const int32_t ne32, const int32_t ne33,
-                            const int32_t nb31, const int32_t nb32, const int64_t nb33,
-        const tq_fattn_fuse fuse) {
-    const char * GGML_CUDA_RESTRICT Q        = Q_ptr;
-    const char * GGML_CUDA_RESTRICT K        = K_ptr;
-    const char * GGML_CUDA_RESTRICT V        = V_ptr;
-    const char * GGML_CUDA_RESTRICT mask     = mask_ptr;
-    const char * GGML_CUDA_RESTRICT sinks    = sinks_ptr;
-    const int  * GGML_CUDA_RESTRICT KV_max   = KV_max_ptr;
-    float      * GGML_CUDA_RESTRICT dst      = dst_ptr;
-    float2     * GGML_CUDA_RESTRICT dst_meta = dst_meta_ptr;
+        TQ_FATTN_KERNEL_PARAMS) {
+    TQ_FATTN_KERNEL_PTRS
     ggml_cuda_pdl_lc();
 #ifdef FLASH_ATTN_AVAILABLE
     static_assert(tq_cuda_is_turbo(type_K) && tq_cuda_is_turbo(type_V), "TurboQuant K and V only");
@@ -524,15 +542,7 @@ static __global__ void tq_flash_attn_ext_gqa(
         __syncthreads();
     }
 #else
-    GGML_UNUSED_VARS(Q, K, V, mask, sinks, KV_max, dst, dst_meta, scale,
-        max_bias, m0, m1, n_head_log2, logit_softcap,
-        ne00, ne01, ne02, ne03,
-              nb01, nb02, nb03,
-        ne10, ne11, ne12, ne13,
-              nb11, nb12, nb13,
-              nb21, nb22, nb23,
-              ne31, ne32, ne33,
-              nb31, nb32, nb33, fuse);
+    TQ_FATTN_KERNEL_UNUSED
     NO_DEVICE_CODE;
 #endif // FLASH_ATTN_AVAILABLE
 }

@@ -42,7 +42,7 @@ struct tq_fattn_mma_smem {
     static constexpr int n_lut_K = 1 << 2*tq_cuda_bits(type_K);
     static constexpr int n_lut_V = tq_cuda_bits(type_V) == 2 ? 0 : 1 << 2*tq_cuda_bits(type_V); // 2-bit V: none (byte permutes)
     // rows of whole words are staged (4-byte cp.async); otherwise (head size 64) the warps read the cache
-    static constexpr bool staged = stg::row_K % 4 == 0 && stg::row_V % 4 == 0;
+    static constexpr bool staged = stg::words;
     static constexpr int out_bytes = nwarps*8*D*4;                               // the warps' outputs, [nwarps][8][D] float
     // byte offsets; the staging buffers come first and hold the warps' outputs at the end
     static constexpr int off_P   = staged && stg::bytes > out_bytes ? stg::bytes : out_bytes; // [nwarps][nblk][8][32] half
@@ -113,36 +113,8 @@ static __device__ __forceinline__ void tq_fattn_mma_pairs2(const uint32_t wa, co
 template <int D, int ncols2, ggml_type type_K, ggml_type type_V>
 __launch_bounds__(TQ_FATTN_GQA_NTHREADS, tq_fattn_mma_minblocks(D))
 static __global__ void tq_flash_attn_ext_mma(
-        const char * Q_ptr,
-        const char * K_ptr,
-        const char * V_ptr,
-        const char * mask_ptr,
-        const char * sinks_ptr,
-        const int  * KV_max_ptr,
-        float      * dst_ptr,
-        float2     * dst_meta_ptr,
-        const float scale,
-        const float max_bias,
-        const float m0,
-        const float m1,
-        const uint32_t n_head_log2,
-        const float logit_softcap,
-        const int32_t ne00, const uint3   ne01, const int32_t ne02, const int32_t ne03,
-                            const int32_t nb01, const int32_t nb02, const int32_t nb03,
-        const int32_t ne10, const int32_t ne11, const int32_t ne12, const int32_t ne13,
-                            const int32_t nb11, const int32_t nb12, const int64_t nb13,
-                            const int32_t nb21, const int32_t nb22, const int64_t nb23,
-                            const int32_t ne31, const int32_t ne32, const int32_t ne33,
-                            const int32_t nb31, const int32_t nb32, const int64_t nb33,
-        const tq_fattn_fuse fuse) {
-    const char * GGML_CUDA_RESTRICT Q        = Q_ptr;
-    const char * GGML_CUDA_RESTRICT K        = K_ptr;
-    const char * GGML_CUDA_RESTRICT V        = V_ptr;
-    const char * GGML_CUDA_RESTRICT mask     = mask_ptr;
-    const char * GGML_CUDA_RESTRICT sinks    = sinks_ptr;
-    const int  * GGML_CUDA_RESTRICT KV_max   = KV_max_ptr;
-    float      * GGML_CUDA_RESTRICT dst      = dst_ptr;
-    float2     * GGML_CUDA_RESTRICT dst_meta = dst_meta_ptr;
+        TQ_FATTN_KERNEL_PARAMS) {
+    TQ_FATTN_KERNEL_PTRS
     ggml_cuda_pdl_lc();
 #if defined(FLASH_ATTN_AVAILABLE) && defined(AMPERE_MMA_AVAILABLE) && defined(CP_ASYNC_AVAILABLE)
     typedef tq_fattn_mma_smem<D, type_K, type_V> sm;
@@ -500,15 +472,7 @@ static __global__ void tq_flash_attn_ext_mma(
         }
     }
 #else
-    GGML_UNUSED_VARS(Q, K, V, mask, sinks, KV_max, dst, dst_meta, scale,
-        max_bias, m0, m1, n_head_log2, logit_softcap,
-        ne00, ne01, ne02, ne03,
-              nb01, nb02, nb03,
-        ne10, ne11, ne12, ne13,
-              nb11, nb12, nb13,
-              nb21, nb22, nb23,
-              ne31, ne32, ne33,
-              nb31, nb32, nb33, fuse);
+    TQ_FATTN_KERNEL_UNUSED
     NO_DEVICE_CODE;
 #endif // defined(FLASH_ATTN_AVAILABLE) && defined(AMPERE_MMA_AVAILABLE) && defined(CP_ASYNC_AVAILABLE)
 }
