@@ -276,13 +276,17 @@ void ggml_compute_forward_turbo_k_rot(const struct ggml_compute_params * params,
 // Upstream's CPU path runs each query row through the whole cache on its own, decoding every K and
 // V row it reads (K inside vec_dot, V through to_float) once per query row. Here the query rows that
 // read one KV head (its query heads, and for a prompt a tile of positions) go through the cache
-// together: each K and V row is decoded once per tile into floats, then each row takes a plain dot
-// and a multiply-add. Per row the arithmetic is upstream's (online softmax in position order, the
-// same scale, softcap, mask, ALiBi slope and sinks), so the two paths agree to rounding. A decode
-// step (one position) also splits the KV range over the threads and combines the partial results
-// as upstream's f16 path does.
+// together: each K and V row is decoded once per tile into floats, TQ_FA_KV positions at a time;
+// each query row takes its dot products four positions per pass over the query, runs the online
+// softmax one position at a time, and then updates its accumulator once per block, holding it in
+// registers. Per element that update performs the same operations in the same order as one
+// position at a time, so the result does not depend on the block size, bit for bit. Per row the
+// arithmetic is upstream's (online softmax in position order, the same scale, softcap, mask, ALiBi
+// slope and sinks), so the two paths agree to rounding. A decode step (one position) also splits
+// the KV range over the threads and combines the partial results as upstream's f16 path does.
 
 #define TQ_FA_ROWS 64 // query rows per tile: GGML_FA_TILE_Q, which the work buffer is sized for
+#define TQ_FA_KV   16 // positions decoded together, whose weights reach each accumulator in one pass
 
 // a TurboQuant type's block format; NULL for any other type
 struct tq_fmt {
@@ -374,17 +378,59 @@ static inline float tq_dot_f32(const float * GGML_RESTRICT a, const float * GGML
 #endif
 }
 
-// y = y*ms + v*vs
-static inline void tq_scale_mad(float * GGML_RESTRICT y, const float * GGML_RESTRICT v, int64_t n, float ms, float vs) {
+// s[j] = <a, b[j]> for j < m, each exactly as tq_dot_f32 computes it: four rows share each load of a
+static void tq_dot_rows(const float * GGML_RESTRICT a, const float * const * b, int64_t n, int m, float * GGML_RESTRICT s) {
+    int j = 0;
 #if defined(TQ_AVX2)
-    const __m256 vms = _mm256_set1_ps(ms), vvs = _mm256_set1_ps(vs);
+    for (; j + 4 <= m; j += 4) {
+        const float * b0 = b[j], * b1 = b[j + 1], * b2 = b[j + 2], * b3 = b[j + 3];
+        __m256 e0 = _mm256_setzero_ps(), e1 = _mm256_setzero_ps(), e2 = _mm256_setzero_ps(), e3 = _mm256_setzero_ps();
+        __m256 o0 = _mm256_setzero_ps(), o1 = _mm256_setzero_ps(), o2 = _mm256_setzero_ps(), o3 = _mm256_setzero_ps();
+        for (int64_t i = 0; i < n; i += 16) {
+            const __m256 ae = _mm256_loadu_ps(a + i), ao = _mm256_loadu_ps(a + i + 8);
+            e0 = _mm256_fmadd_ps(ae, _mm256_loadu_ps(b0 + i), e0);
+            o0 = _mm256_fmadd_ps(ao, _mm256_loadu_ps(b0 + i + 8), o0);
+            e1 = _mm256_fmadd_ps(ae, _mm256_loadu_ps(b1 + i), e1);
+            o1 = _mm256_fmadd_ps(ao, _mm256_loadu_ps(b1 + i + 8), o1);
+            e2 = _mm256_fmadd_ps(ae, _mm256_loadu_ps(b2 + i), e2);
+            o2 = _mm256_fmadd_ps(ao, _mm256_loadu_ps(b2 + i + 8), o2);
+            e3 = _mm256_fmadd_ps(ae, _mm256_loadu_ps(b3 + i), e3);
+            o3 = _mm256_fmadd_ps(ao, _mm256_loadu_ps(b3 + i + 8), o3);
+        }
+        s[j]     = tq_hsum_ps(_mm256_add_ps(e0, o0));
+        s[j + 1] = tq_hsum_ps(_mm256_add_ps(e1, o1));
+        s[j + 2] = tq_hsum_ps(_mm256_add_ps(e2, o2));
+        s[j + 3] = tq_hsum_ps(_mm256_add_ps(e3, o3));
+    }
+#endif
+    for (; j < m; ++j) {
+        s[j] = tq_dot_f32(a, b[j], n);
+    }
+}
+
+// y = y*ms[j] + v[j]*vs[j] for j = 0, 1, .. m-1 in turn (ms[j] == 1: no multiply), with y held in
+// registers across the m positions; per element the same operations in the same order as one
+// position at a time
+static void tq_scale_mad_rows(float * GGML_RESTRICT y, const float * const * v, int64_t n, int m,
+                              const float * GGML_RESTRICT ms, const float * GGML_RESTRICT vs) {
+#if defined(TQ_AVX2)
     for (int64_t i = 0; i < n; i += 8) {
-        const __m256 yi = ms == 1.0f ? _mm256_loadu_ps(y + i) : _mm256_mul_ps(_mm256_loadu_ps(y + i), vms);
-        _mm256_storeu_ps(y + i, _mm256_fmadd_ps(_mm256_loadu_ps(v + i), vvs, yi));
+        __m256 yi = _mm256_loadu_ps(y + i);
+        for (int j = 0; j < m; ++j) {
+            if (ms[j] != 1.0f) {
+                yi = _mm256_mul_ps(yi, _mm256_set1_ps(ms[j]));
+            }
+            yi = _mm256_fmadd_ps(_mm256_loadu_ps(v[j] + i), _mm256_set1_ps(vs[j]), yi);
+        }
+        _mm256_storeu_ps(y + i, yi);
     }
 #else
     for (int64_t i = 0; i < n; ++i) {
-        y[i] = (ms == 1.0f ? y[i] : y[i]*ms) + v[i]*vs;
+        float yi = y[i];
+        for (int j = 0; j < m; ++j) {
+            yi = (ms[j] == 1.0f ? yi : yi*ms[j]) + v[j][i]*vs[j];
+        }
+        y[i] = yi;
     }
 #endif
 }
@@ -406,9 +452,8 @@ static void tq_fa_tile(const struct tq_fa * a, int64_t iq3, int64_t ik2, int64_t
     float * M   = acc + R*DV;         // [R]
     float * S   = M + R;              // [R]
     float * sl  = S + R;              // [R] ALiBi slope
-    float * sc  = sl + R;             // [R] this position's score (-INFINITY: masked)
-    float * K32 = sc + R;             // [DK]
-    float * V32 = K32 + DK;           // [DV]
+    float * K32 = sl + R;             // [TQ_FA_KV][DK] a block's decoded rows
+    float * V32 = K32 + TQ_FA_KV*DK;  // [TQ_FA_KV][DV]
     const float       * qr[TQ_FA_ROWS];
     const ggml_fp16_t * mr[TQ_FA_ROWS];
 
@@ -427,35 +472,59 @@ static void tq_fa_tile(const struct tq_fa * a, int64_t iq3, int64_t ik2, int64_t
 
     const char * kbase = (const char *) a->k->data + ik2*a->k->nb[2] + ik3*a->k->nb[3];
     const char * vbase = (const char *) a->v->data + ik2*a->v->nb[2] + ik3*a->v->nb[3];
-    for (int64_t ic = c0; ic < c1; ++ic) {
-        int live = 0;
-        for (int64_t r = 0; r < R; ++r) {
-            sc[r] = mr[r] ? sl[r]*GGML_CPU_FP16_TO_FP32(mr[r][ic]) : 0.0f;
-            live |= sc[r] != -INFINITY;
-        }
-        if (!live) {
-            continue;
-        }
-        tq_decode_row((const uint8_t *) (kbase + ic*a->k->nb[1]), K32, DK, a->fk);
-        tq_decode_row((const uint8_t *) (vbase + ic*a->v->nb[1]), V32, DV, a->fv);
-        for (int64_t r = 0; r < R; ++r) {
-            if (sc[r] == -INFINITY) {
+    for (int64_t ic0 = c0; ic0 < c1; ic0 += TQ_FA_KV) {
+        // decode the block's positions that some row does not mask
+        const int m = (int) MIN(TQ_FA_KV, c1 - ic0);
+        int64_t pos[TQ_FA_KV];
+        int n_live = 0;
+        for (int j = 0; j < m; ++j) {
+            const int64_t ic = ic0 + j;
+            int64_t r = 0;
+            while (r < R && mr[r] && sl[r]*GGML_CPU_FP16_TO_FP32(mr[r][ic]) == -INFINITY) {
+                ++r;
+            }
+            if (r == R) {
                 continue;
             }
-            float s = tq_dot_f32(qr[r], K32, DK)*a->scale;
-            if (a->softcap != 0.0f) {
-                s = a->softcap*tanhf(s);
+            tq_decode_row((const uint8_t *) (kbase + ic*a->k->nb[1]), K32 + n_live*DK, DK, a->fk);
+            tq_decode_row((const uint8_t *) (vbase + ic*a->v->nb[1]), V32 + n_live*DV, DV, a->fv);
+            pos[n_live++] = ic;
+        }
+        for (int64_t r = 0; r < R; ++r) {
+            // this row's unmasked positions, in position order
+            const float * kr[TQ_FA_KV], * vr[TQ_FA_KV];
+            float sc[TQ_FA_KV], s[TQ_FA_KV], ms[TQ_FA_KV], vs[TQ_FA_KV];
+            int n = 0;
+            for (int j = 0; j < n_live; ++j) {
+                sc[n] = mr[r] ? sl[r]*GGML_CPU_FP16_TO_FP32(mr[r][pos[j]]) : 0.0f;
+                if (sc[n] != -INFINITY) {
+                    kr[n] = K32 + j*DK;
+                    vr[n] = V32 + j*DV;
+                    ++n;
+                }
             }
-            s += sc[r];
-            float ms = 1.0f, vs = 1.0f;
-            if (s > M[r]) {
-                ms = expf(M[r] - s);
-                M[r] = s;
-            } else {
-                vs = expf(s - M[r]);
+            if (n == 0) {
+                continue;
             }
-            tq_scale_mad(acc + r*DV, V32, DV, ms, vs);
-            S[r] = S[r]*ms + vs;
+            tq_dot_rows(qr[r], kr, DK, n, s);
+            // online softmax one position at a time, then the accumulator once for the block
+            for (int j = 0; j < n; ++j) {
+                float x = s[j]*a->scale;
+                if (a->softcap != 0.0f) {
+                    x = a->softcap*tanhf(x);
+                }
+                x += sc[j];
+                ms[j] = 1.0f;
+                vs[j] = 1.0f;
+                if (x > M[r]) {
+                    ms[j] = expf(M[r] - x);
+                    M[r] = x;
+                } else {
+                    vs[j] = expf(x - M[r]);
+                }
+                S[r] = S[r]*ms[j] + vs[j];
+            }
+            tq_scale_mad_rows(acc + r*DV, vr, DV, n, ms, vs);
         }
     }
 
@@ -525,7 +594,7 @@ bool ggml_compute_forward_flash_attn_ext_turbo(const struct ggml_compute_params 
     const int64_t N = q->ne[1], n_kvh = k->ne[2]*q->ne[3];   // KV heads, over the batch dim too
     const int64_t nt = N == 1 ? 1 : MAX(1, TQ_FA_ROWS/a.rk2); // positions per tile
     const int64_t R = nt*a.rk2;
-    const size_t  per_thread = (size_t) (R*(a.DV + 4) + a.DK + a.DV + 16);
+    const size_t  per_thread = (size_t) (R*(a.DV + 3) + TQ_FA_KV*(a.DK + a.DV) + 16);
     // a decode step splits the cache over the threads when its KV heads alone would not keep
     // them busy; chunks of at least 256 positions
     const int64_t n_chunks = N == 1 && n_kvh < 2*nth ? MAX(1, MIN(nth, a.n_kv/256)) : 1;
